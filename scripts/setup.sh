@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs everything the controller (this machine) needs: Debian packages for the lab and the
+# tests, and a Python venv at .venv with the pinned controller requirements.
+# Idempotent; run as root on Debian 12/13.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+HOST_PACKAGES=(
+  debootstrap systemd-container iproute2 iptables nftables openssh-client
+  python3 python3-venv bpftool clang llvm libbpf-dev make rsync git
+)
+
+missing=()
+for p in "${HOST_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x .venv/bin/ansible-playbook ] || ! cmp -s requirements.txt .venv/.requirements.txt \
+    || ! cmp -s constraints.txt .venv/.constraints.txt; then
+  /usr/bin/python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -r requirements.txt -c constraints.txt
+  cp requirements.txt .venv/.requirements.txt
+  cp constraints.txt .venv/.constraints.txt
+fi
+
+# The repository root is the collection: expose it as kldload.netstack to Ansible.
+mkdir -p .collections/ansible_collections/kldload
+ln -sfn ../../.. .collections/ansible_collections/kldload/netstack
+echo "setup: ok"

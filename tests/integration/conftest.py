@@ -1,0 +1,124 @@
+"""Integration tests run against the lab (the embedded default): real systemd-nspawn nodes.
+
+The session fixture ``lab`` brings the lab up with playbooks/lab.yml unless it is already up and
+reachable, and gives tests a way to run a module on a node (through ansible, over SSH, exactly as
+a user would) and to run shell commands on a node.
+"""
+import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = REPO / ".venv" / "bin"
+STATE_DIR = Path(os.environ.get("NETSTACK_LAB_STATE_DIR", "/var/lib/kldload-netstack/lab"))
+INVENTORY = STATE_DIR / "inventory.yml"
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["PATH"] = "%s:%s" % (VENV_BIN, env.get("PATH", ""))
+    env["ANSIBLE_CONFIG"] = str(REPO / "ansible.cfg")
+    env.update(extra)
+    return env
+
+
+def run_playbook(playbook, *args, check=True, inventory=INVENTORY):
+    argv = [str(VENV_BIN / "ansible-playbook"), "-i", str(inventory), str(REPO / playbook)] + list(args)
+    proc = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError("%s failed (rc=%s)\n%s\n%s" % (playbook, proc.returncode,
+                                                          proc.stdout[-6000:], proc.stderr[-3000:]))
+    return proc
+
+
+class Lab:
+    def __init__(self, inventory):
+        self.inventory = inventory
+        data = yaml.safe_load(inventory.read_text())
+        self.hostvars = {}
+        self.groups = {}
+
+        def walk(name, grp):
+            hosts = list((grp.get("hosts") or {}).keys())
+            for h, hv in (grp.get("hosts") or {}).items():
+                self.hostvars.setdefault(h, {}).update(hv or {})
+            for child, cg in (grp.get("children") or {}).items():
+                hosts += walk(child, cg or {})
+            self.groups[name] = sorted(set(hosts))
+            return hosts
+
+        walk("all", data["all"])
+        self.key = data["all"]["vars"]["ansible_ssh_private_key_file"]
+
+    def hosts(self, group="kube_nodes"):
+        return self.groups.get(group, [])
+
+    def module(self, host, name, args=None, check=False, diff=False, expect_fail=False):
+        """Run one module on one host through ansible; return its result dict."""
+        argv = [str(VENV_BIN / "ansible"), host, "-i", str(self.inventory), "-m", name,
+                "-a", json.dumps(args or {})]
+        if check:
+            argv.append("--check")
+        if diff:
+            argv.append("--diff")
+        proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
+                              env=_env(ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="json"))
+        try:
+            out = json.loads(proc.stdout)
+            result = out["plays"][0]["tasks"][0]["hosts"][host]
+        except (ValueError, KeyError, IndexError):
+            raise AssertionError("no result from %s: rc=%s\n%s\n%s" % (name, proc.returncode,
+                                                                      proc.stdout[-4000:], proc.stderr[-4000:]))
+        failed = bool(result.get("failed") or result.get("unreachable"))
+        if failed != expect_fail:
+            raise AssertionError("%s on %s: expected failed=%s, got:\n%s" % (
+                name, host, expect_fail, json.dumps(result, indent=2)[-6000:]))
+        return result
+
+    def four_times(self, host, name, args=None):
+        """check, apply, apply again, check again; assert the changed pattern. Returns the results."""
+        first = self.module(host, name, args, check=True, diff=True)
+        applied = self.module(host, name, args, diff=True)
+        again = self.module(host, name, args, diff=True)
+        recheck = self.module(host, name, args, check=True, diff=True)
+        assert first["changed"] == applied["changed"], (first, applied)
+        assert again["changed"] is False, again
+        assert recheck["changed"] is False, recheck
+        return first, applied, again, recheck
+
+    def sh(self, host, cmd, check=True, timeout=120):
+        """Run a shell command on a node over SSH (management network)."""
+        addr = self.hostvars[host]["ansible_host"]
+        argv = ["ssh", "-i", self.key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "root@%s" % addr, cmd]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError("%s: %r failed rc=%s\n%s\n%s" % (host, cmd, proc.returncode,
+                                                               proc.stdout, proc.stderr))
+        return proc
+
+    def put(self, host, path, text, mode="0644"):
+        self.sh(host, "install -D -m %s /dev/stdin %s <<'__NETSTACK_EOF__'\n%s\n__NETSTACK_EOF__"
+                % (mode, shlex.quote(path), text))
+
+
+def _lab_reachable():
+    if not INVENTORY.exists():
+        return False
+    proc = subprocess.run([str(VENV_BIN / "ansible"), "all", "-i", str(INVENTORY), "-m", "ansible.builtin.ping",
+                           "-o"], cwd=REPO, env=_env(), capture_output=True, text=True)
+    return proc.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def lab():
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root")
+    if not _lab_reachable():
+        run_playbook("playbooks/lab.yml", "-e", "netstack_lab_state=up", inventory="localhost,")
+    return Lab(INVENTORY)
