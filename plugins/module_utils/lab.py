@@ -74,14 +74,14 @@ class Lab:
 
     def _addrs(self, dev, netns=None):
         args = (["-n", netns] if netns else []) + ["-o", "addr", "show", "dev", dev]
-        rc, out, _ = self.ip.run(*args, check=False)
+        rc, out, dummy = self.ip.run(*args, check=False)
         if rc != 0:
             return set()
         return set(line.split()[3] for line in out.splitlines() if len(line.split()) > 3)
 
     def _link_up(self, dev, netns=None):
         args = (["-n", netns] if netns else []) + ["-o", "link", "show", "dev", dev]
-        rc, out, _ = self.ip.run(*args, check=False)
+        rc, out, dummy = self.ip.run(*args, check=False)
         return rc == 0 and ",UP" in out.split(">")[0]
 
     def ensure_netns(self, name):

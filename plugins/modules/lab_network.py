@@ -17,7 +17,7 @@ description:
   - The management bridge lives in the controller's network namespace and carries SSH to the nodes.
   - The LAN (underlay) bridge lives in a network namespace of its own, so the nodes' LAN is not
     reachable from, routed to, or forwarded into the host's network.
-  - Runs on the lab host (C(connection: local)), as root. Not meant for real nodes.
+  - Runs on the lab host with a local connection, as root. Not meant for real nodes.
 options:
   state:
     description: Whether the segments exist.
@@ -41,7 +41,7 @@ options:
     type: str
     default: lan0
 author:
-  - kldload.netstack developers
+  - kldload.netstack developers (@kldload)
 """
 
 EXAMPLES = r"""

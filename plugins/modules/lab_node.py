@@ -18,7 +18,7 @@ description:
     systemd in it with systemd-nspawn. Waits until the node's SSH server answers.
   - The nspawn process id is recorded; stopping signals that process only.
   - If a node does not come up, the module fails naming the node and shows the end of its boot log.
-  - Runs on the lab host (C(connection: local)), as root. Not meant for real nodes.
+  - Runs on the lab host with a local connection, as root. Not meant for real nodes.
 options:
   name:
     description: Node (machine and host) name. At most 12 characters.
@@ -71,7 +71,7 @@ options:
     type: bool
     default: true
 author:
-  - kldload.netstack developers
+  - kldload.netstack developers (@kldload)
 """
 
 EXAMPLES = r"""

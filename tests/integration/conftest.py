@@ -29,10 +29,10 @@ def _env(**extra):
 
 def run_playbook(playbook, *args, check=True, inventory=INVENTORY):
     argv = [str(VENV_BIN / "ansible-playbook"), "-i", str(inventory), str(REPO / playbook)] + list(args)
-    proc = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
     if check and proc.returncode != 0:
-        raise AssertionError("%s failed (rc=%s)\n%s\n%s" % (playbook, proc.returncode,
-                                                          proc.stdout[-6000:], proc.stderr[-3000:]))
+        raise AssertionError("%s failed (rc=%s)\n%s\n%s"
+                             % (playbook, proc.returncode, proc.stdout[-6000:], proc.stderr[-3000:]))
     return proc
 
 
@@ -66,14 +66,14 @@ class Lab:
             argv.append("--check")
         if diff:
             argv.append("--diff")
-        proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
+        proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False,
                               env=_env(ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="json"))
         try:
             out = json.loads(proc.stdout)
             result = out["plays"][0]["tasks"][0]["hosts"][host]
         except (ValueError, KeyError, IndexError):
-            raise AssertionError("no result from %s: rc=%s\n%s\n%s" % (name, proc.returncode,
-                                                                      proc.stdout[-4000:], proc.stderr[-4000:]))
+            raise AssertionError("no result from %s: rc=%s\n%s\n%s"
+                                 % (name, proc.returncode, proc.stdout[-4000:], proc.stderr[-4000:]))
         failed = bool(result.get("failed") or result.get("unreachable"))
         if failed != expect_fail:
             raise AssertionError("%s on %s: expected failed=%s, got:\n%s" % (
@@ -96,11 +96,35 @@ class Lab:
         addr = self.hostvars[host]["ansible_host"]
         argv = ["ssh", "-i", self.key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                 "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "root@%s" % addr, cmd]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
         if check and proc.returncode != 0:
-            raise AssertionError("%s: %r failed rc=%s\n%s\n%s" % (host, cmd, proc.returncode,
-                                                               proc.stdout, proc.stderr))
+            raise AssertionError("%s: %r failed rc=%s\n%s\n%s"
+                                 % (host, cmd, proc.returncode, proc.stdout, proc.stderr))
         return proc
+
+    def restart(self, host, timeout=120):
+        """Reboot one node container the lab's own way (clean poweroff, boot the same root)."""
+        args = {"name": host, "state": "restarted", "rootfs": self._rootfs(host),
+                "mgmt_address": "%s/24" % self.hostvars[host]["ansible_host"],
+                "lan_address": "%s/24" % self.hostvars[host]["netstack_underlay_ip"],
+                "authorized_key": Path(self.key + ".pub").read_text(), "boot_timeout": timeout}
+        argv = [str(VENV_BIN / "ansible"), "localhost", "-i", "localhost,", "-c", "local",
+                "-e", "ansible_python_interpreter=%s" % (VENV_BIN / "python"),
+                "-m", "kldload.netstack.lab_node", "-a", json.dumps(args)]
+        proc = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise AssertionError("restart of %s failed:\n%s\n%s" % (host, proc.stdout[-4000:], proc.stderr[-2000:]))
+
+    @staticmethod
+    def _rootfs(host):
+        # The lower layer the node was booted from, as recorded in its overlay mount.
+        root = str(STATE_DIR / "nodes" / host / "root")
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split()
+            if fields[4] == root:
+                opts = line.split(" - ")[1].split()[2]
+                return dict(o.split("=", 1) for o in opts.split(",") if "=" in o)["lowerdir"]
+        raise AssertionError("node %s has no overlay root mounted" % host)
 
     def put(self, host, path, text, mode="0644"):
         self.sh(host, "install -D -m %s /dev/stdin %s <<'__NETSTACK_EOF__'\n%s\n__NETSTACK_EOF__"
@@ -111,7 +135,7 @@ def _lab_reachable():
     if not INVENTORY.exists():
         return False
     proc = subprocess.run([str(VENV_BIN / "ansible"), "all", "-i", str(INVENTORY), "-m", "ansible.builtin.ping",
-                           "-o"], cwd=REPO, env=_env(), capture_output=True, text=True)
+                           "-o"], cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
     return proc.returncode == 0
 
 

@@ -1,0 +1,43 @@
+# kldload.netstack — the README's two commands are `make lab` and `make test`.
+SHELL := /bin/bash
+VENV := .venv/bin
+PLAYBOOK := $(VENV)/ansible-playbook
+LAB_INVENTORY := /var/lib/kldload-netstack/lab/inventory.yml
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+export PATH := $(CURDIR)/$(VENV):$(PATH)
+
+.PHONY: setup lab lab-up lab-down install verify uninstall test unit lint sanity integration molecule clean
+
+setup:
+	bash scripts/setup.sh
+
+## The embedded default: lab up, then the install and verify playbooks on it.
+lab: setup lab-up install verify
+
+lab-up:
+	$(PLAYBOOK) -i localhost, playbooks/lab.yml -e netstack_lab_state=up
+
+lab-down:
+	$(PLAYBOOK) -i localhost, playbooks/lab.yml -e netstack_lab_state=down
+
+install verify uninstall:
+	$(PLAYBOOK) -i $(LAB_INVENTORY) playbooks/$@.yml
+
+## The whole test suite: unit, lint, sanity, integration on the lab, molecule (ends with the lab down).
+test: setup
+	bash scripts/test.sh
+
+unit:
+	$(VENV)/pytest -q tests/unit
+
+lint:
+	$(VENV)/ansible-lint --profile production
+
+sanity:
+	bash scripts/sanity.sh
+
+integration:
+	$(VENV)/pytest -q tests/integration
+
+molecule:
+	$(VENV)/molecule test -s default

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite, in the order that fails fastest. The lab is brought up by the integration
+# tests if it is not up, and taken down by molecule's destroy at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export ANSIBLE_CONFIG=$PWD/ansible.cfg PATH=$PWD/.venv/bin:$PATH
+step() { printf '\n=== %s (%s)\n' "$1" "$(date +%T)"; }
+step "unit tests";        pytest -q tests/unit
+step "ansible-lint";      ansible-lint --profile production
+step "ansible-test sanity"; bash scripts/sanity.sh
+step "integration tests on the lab"; pytest -q tests/integration
+step "molecule (create, converge, idempotence, verify, destroy)"; molecule test -s default
+step "done"

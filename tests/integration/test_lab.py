@@ -1,0 +1,102 @@
+"""The lab itself: real systemd nodes, the address plan, isolation, idempotent up/down."""
+import json
+import re
+import subprocess
+
+import pytest
+
+from conftest import REPO, STATE_DIR, VENV_BIN, _env, run_playbook
+
+
+def _recap_changed(proc):
+    m = re.search(r"localhost\s*:\s*ok=\d+\s+changed=(\d+)\s+unreachable=0\s+failed=0", proc.stdout)
+    assert m, proc.stdout[-3000:]
+    return int(m.group(1))
+
+
+def test_inventory_has_the_kldload_groups(lab):
+    assert len(lab.hosts("kube_control_plane")) == 1
+    assert len(lab.hosts("kube_workers")) == 2
+    assert sorted(lab.hosts("kube_nodes")) == sorted(lab.hosts("kube_control_plane") + lab.hosts("kube_workers"))
+    assert len(lab.hosts("routers")) == 1
+    cidrs = [lab.hostvars[h]["netstack_pod_cidr"] for h in lab.hosts("kube_nodes")]
+    assert len(set(cidrs)) == len(cidrs)
+    for h in lab.hosts("all"):
+        assert lab.hostvars[h]["ansible_host"].startswith("10.77.0.")
+        assert lab.hostvars[h]["netstack_underlay_ip"].startswith("192.168.1.")
+
+
+def test_nodes_are_running_systemd_machines(lab):
+    for h in lab.hosts("all"):
+        out = lab.sh(h, "hostname; systemctl is-system-running; systemctl is-active ssh").stdout.split()
+        assert out == [h, "running", "active"], (h, out)
+    # the router runs FRR
+    for h in lab.hosts("routers"):
+        assert lab.sh(h, "systemctl is-active frr").stdout.strip() == "active"
+
+
+def test_underlay_connects_nodes_and_router(lab):
+    router_ip = lab.hostvars[lab.hosts("routers")[0]]["netstack_underlay_ip"]
+    for h in lab.hosts("kube_nodes"):
+        lab.sh(h, "ping -c1 -W2 %s" % router_ip)
+        for other in lab.hosts("kube_nodes"):
+            if other != h:
+                lab.sh(h, "ping -c1 -W2 %s" % lab.hostvars[other]["netstack_underlay_ip"])
+
+
+def test_lab_traffic_cannot_leave(lab):
+    """No default route in any node; the LAN is not on the host; the host does not forward."""
+    for h in lab.hosts("all"):
+        routes = lab.sh(h, "ip -j route show default; ip -j -6 route show default").stdout
+        assert routes.replace("[]", "").strip() == "", (h, routes)
+        # a public address is unreachable from the node (nothing is sent: no route at all)
+        proc = lab.sh(h, "ip route get 1.1.1.1", check=False)
+        assert proc.returncode != 0 and "unreachable" in proc.stderr.lower(), (h, proc.stdout, proc.stderr)
+    host_addrs = subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True, check=True).stdout
+    assert "192.168.1." not in host_addrs
+    assert "kln-lan" in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+
+
+def test_a_node_that_does_not_boot_is_named_with_its_boot_log(lab, tmp_path):
+    # looks like an OS root to nspawn, but has no init to boot
+    bad_root = tmp_path / "noinit"
+    (bad_root / "etc" / "ssh").mkdir(parents=True)
+    (bad_root / "etc" / "os-release").write_text("ID=debian\nNAME=noinit\n")
+    args = {"name": "broken", "rootfs": str(bad_root), "mgmt_address": "10.77.0.99/24",
+            "lan_address": "192.168.1.99/24", "authorized_key": "ssh-ed25519 AAAA test", "boot_timeout": 20}
+    argv = [str(VENV_BIN / "ansible"), "localhost", "-i", "localhost,", "-c", "local",
+            "-e", "ansible_python_interpreter=%s" % (VENV_BIN / "python"), "-m", "kldload.netstack.lab_node"]
+    try:
+        proc = subprocess.run(argv + ["-a", json.dumps(args)], cwd=REPO, env=_env(), capture_output=True,
+                              text=True, check=False)
+        assert proc.returncode != 0
+        assert "lab node broken did not come up" in proc.stdout, proc.stdout
+        assert "boot.log" in proc.stdout
+    finally:
+        proc = subprocess.run(argv + ["-a", json.dumps({"name": "broken", "state": "absent"})], cwd=REPO,
+                              env=_env(), capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stdout
+    assert not (STATE_DIR / "nodes" / "broken").exists()
+    assert "kln-broken" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                              check=True).stdout
+
+
+@pytest.mark.order_last
+def test_down_twice_then_up_twice(lab):
+    """down, down again (fine, nothing to do), up, up again (changes nothing)."""
+    run_playbook("playbooks/lab.yml", "-e", "netstack_lab_state=down", inventory="localhost,")
+    again = run_playbook("playbooks/lab.yml", "-e", "netstack_lab_state=down", inventory="localhost,")
+    assert _recap_changed(again) == 0
+    assert not STATE_DIR.exists()
+    assert subprocess.run(["pgrep", "-x", "systemd-nspawn"], capture_output=True, check=False).returncode == 1
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert "kln-" not in netns
+    assert subprocess.run(["ip", "link", "show", "klnmgmt0"], capture_output=True, check=False).returncode != 0
+
+    up = run_playbook("playbooks/lab.yml", "-e", "netstack_lab_state=up", inventory="localhost,")
+    secs = float(re.search(r"lab up in ([0-9.]+) s", up.stdout).group(1))
+    print("lab up (cached rootfs) took %.1f s" % secs)
+    again = run_playbook("playbooks/lab.yml", "-e", "netstack_lab_state=up", inventory="localhost,")
+    assert _recap_changed(again) == 0
+    for h in lab.hosts("all"):
+        assert lab.sh(h, "systemctl is-system-running").stdout.strip() == "running"
