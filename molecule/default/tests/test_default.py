@@ -1,0 +1,47 @@
+"""Molecule verify (testinfra): what install.yml promises, read off each node."""
+import pytest
+
+testinfra_hosts = ["all"]
+
+
+@pytest.fixture
+def groups(host):
+    return host.ansible.get_variables().get("group_names", [])
+
+
+def test_bpffs_is_mounted_and_persistent(host, groups):
+    if "kube_nodes" not in groups:
+        pytest.skip("not a kube node")
+    assert host.mount_point("/sys/fs/bpf").filesystem == "bpf"
+    unit = host.file("/etc/systemd/system/sys-fs-bpf.mount")
+    assert unit.exists
+    assert host.run("systemctl is-enabled sys-fs-bpf.mount").stdout.strip() == "enabled"
+
+
+def test_dataplane_sysctls(host, groups):
+    if "kube_nodes" not in groups:
+        pytest.skip("not a kube node")
+    assert host.sysctl("net.ipv4.ip_forward") == 1
+    assert host.sysctl("net.ipv4.conf.all.rp_filter") == 0
+    conf = host.file("/etc/sysctl.d/90-kldload-netstack.conf")
+    assert conf.exists and conf.mode == 0o644
+    assert "net.ipv4.ip_forward = 1" in conf.content_string
+
+
+def test_no_kube_proxy_rules_in_any_backend(host, groups):
+    if "kube_nodes" not in groups:
+        pytest.skip("not a kube node")
+    for save in ("iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save"):
+        out = host.check_output(save)
+        assert "KUBE-SERVICES" not in out and "KUBE-SVC-" not in out, save
+    assert "kube-proxy" not in host.check_output("nft list tables")
+
+
+def test_router_runs_frr(host, groups):
+    if "routers" not in groups:
+        pytest.skip("not a router")
+    assert host.service("frr").is_running
+
+
+def test_nodes_have_no_default_route(host):
+    assert host.check_output("ip route show default") == ""
