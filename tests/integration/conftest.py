@@ -144,5 +144,5 @@ def lab():
     if os.geteuid() != 0:
         pytest.skip("the lab needs root")
     if not _lab_reachable():
-        run_playbook("playbooks/lab.yml", "-e", "netstack_lab_state=up", inventory="localhost,")
+        run_playbook("playbooks/lab.yml", "-e", "lab_state=up", inventory="localhost,")
     return Lab(INVENTORY)

@@ -84,8 +84,8 @@ def test_a_node_that_does_not_boot_is_named_with_its_boot_log(lab, tmp_path):
 @pytest.mark.order_last
 def test_down_twice_then_up_twice(lab):
     """down, down again (fine, nothing to do), up, up again (changes nothing)."""
-    run_playbook("playbooks/lab.yml", "-e", "netstack_lab_state=down", inventory="localhost,")
-    again = run_playbook("playbooks/lab.yml", "-e", "netstack_lab_state=down", inventory="localhost,")
+    run_playbook("playbooks/lab.yml", "-e", "lab_state=down", inventory="localhost,")
+    again = run_playbook("playbooks/lab.yml", "-e", "lab_state=down", inventory="localhost,")
     assert _recap_changed(again) == 0
     assert not STATE_DIR.exists()
     assert subprocess.run(["pgrep", "-x", "systemd-nspawn"], capture_output=True, check=False).returncode == 1
@@ -93,10 +93,10 @@ def test_down_twice_then_up_twice(lab):
     assert "kln-" not in netns
     assert subprocess.run(["ip", "link", "show", "klnmgmt0"], capture_output=True, check=False).returncode != 0
 
-    up = run_playbook("playbooks/lab.yml", "-e", "netstack_lab_state=up", inventory="localhost,")
+    up = run_playbook("playbooks/lab.yml", "-e", "lab_state=up", inventory="localhost,")
     secs = float(re.search(r"lab up in ([0-9.]+) s", up.stdout).group(1))
     print("lab up (cached rootfs) took %.1f s" % secs)
-    again = run_playbook("playbooks/lab.yml", "-e", "netstack_lab_state=up", inventory="localhost,")
+    again = run_playbook("playbooks/lab.yml", "-e", "lab_state=up", inventory="localhost,")
     assert _recap_changed(again) == 0
     for h in lab.hosts("all"):
         assert lab.sh(h, "systemctl is-system-running").stdout.strip() == "running"
