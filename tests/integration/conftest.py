@@ -60,14 +60,16 @@ class Lab:
 
     def module(self, host, name, args=None, check=False, diff=False, expect_fail=False):
         """Run one module on one host through ansible; return its result dict."""
-        argv = [str(VENV_BIN / "ansible"), host, "-i", str(self.inventory), "-m", name,
-                "-a", json.dumps(args or {})]
+        argv = [str(VENV_BIN / "ansible"), host, "-i", str(self.inventory), "-m", name]
+        if args:
+            argv += ["-a", json.dumps(args)]
         if check:
             argv.append("--check")
         if diff:
             argv.append("--diff")
         proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False,
-                              env=_env(ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="json"))
+                              env=_env(ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="netstack_json",
+                                       ANSIBLE_CALLBACK_PLUGINS=str(Path(__file__).parent / "callback_plugins")))
         try:
             out = json.loads(proc.stdout)
             result = out["plays"][0]["tasks"][0]["hosts"][host]

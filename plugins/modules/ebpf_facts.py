@@ -1,0 +1,125 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: kldload.netstack contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: ebpf_facts
+short_description: What a node's kernel offers an eBPF dataplane, and whether it meets the requirements
+version_added: 0.1.0
+description:
+  - Gathers, as C(ansible_facts.netstack_ebpf) (and the same keys at the top level of the result)
+    the kernel version, whether BTF is present, the bpffs mounts, the cgroup v2 mount point
+    (detected, never assumed), the kernel config flags that matter (from C(/proc/config.gz) or
+    C(/boot/config-<release>)), WireGuard kernel support (probed by creating and deleting a
+    WireGuard link, not guessed), which iptables backends (legacy, nft) are in use and whether
+    kube-proxy rules exist in each (and in nftables), and whether bpftool and libbpf are present.
+  - C(requirements) compares the node item by item against the kernel table of the Cilium
+    masterclass (chapter 11) - 4.19 basic eBPF, 5.10 recommended, 5.6 WireGuard, 5.8 kube-proxy
+    replacement, 5.8 BBR bandwidth manager - plus BTF, cgroup v2 and bpffs presence, kernel WireGuard
+    (probed) and C(CONFIG_BPF_SYSCALL)/C(CONFIG_CGROUP_BPF) when the config is readable.
+  - Never changes anything (the WireGuard probe link is deleted at once).
+options:
+  wireguard_probe:
+    description: Probe kernel WireGuard support by creating and deleting a link (may autoload the module).
+    type: bool
+    default: true
+  iptables:
+    description: Read the iptables backends and nftables tables (kube-proxy detection).
+    type: bool
+    default: true
+notes:
+  - Supports check mode; it never reports a change.
+author:
+  - kldload.netstack developers (@kldload)
+"""
+
+EXAMPLES = r"""
+- name: Gather eBPF facts
+  kldload.netstack.ebpf_facts:
+
+- name: Show what is missing
+  ansible.builtin.debug:
+    msg: "{{ netstack_ebpf.requirements | rejectattr('ok') | map(attribute='message') | list }}"
+"""
+
+RETURN = r"""
+kernel:
+  description: Kernel release and parsed version.
+  returned: always
+  type: dict
+  sample: {"release": "6.18.44-fc-v669", "version": [6, 18, 44], "version_text": "6.18.44"}
+btf:
+  description: Whether C(/sys/kernel/btf/vmlinux) exists.
+  returned: always
+  type: bool
+bpffs_mounts:
+  description: Mount points of bpf filesystems.
+  returned: always
+  type: list
+  elements: str
+cgroup2_path:
+  description: Mount point of the cgroup v2 hierarchy, null if not mounted.
+  returned: always
+  type: str
+  sample: /sys/fs/cgroup
+kernel_config:
+  description: C(source) path of the config read and C(flags) (null if no config is readable).
+  returned: always
+  type: dict
+wireguard:
+  description: C(kernel) (probed), C(detail), C(module_loaded), C(userspace) (wireguard-go path), C(tools) (wg path).
+  returned: always
+  type: dict
+bpftool:
+  description: bpftool C(path), C(version) and the C(libbpf_version) it reports.
+  returned: always
+  type: dict
+libbpf:
+  description: Whether the libbpf shared library is present.
+  returned: always
+  type: dict
+iptables:
+  description:
+    - Per C(<backend>_<family>) (legacy_ipv4, nft_ipv6, ...) - C(available), C(in_use), C(rules),
+      C(kube_proxy), C(kube_proxy_chains); C(nftables) - C(tables), C(kube_proxy) (families with a
+      kube-proxy table); C(backends_in_use); C(kube_proxy_rules) (any anywhere).
+  returned: when O(iptables=true)
+  type: dict
+requirements:
+  description: One item per requirement - C(name), C(description), C(required), C(actual), C(ok), C(message).
+  returned: always
+  type: list
+  elements: dict
+requirements_unmet:
+  description: Names of the requirements that are not met.
+  returned: always
+  type: list
+  elements: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.kldload.netstack.plugins.module_utils.facts import gather
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            wireguard_probe=dict(type="bool", default=True),
+            iptables=dict(type="bool", default=True),
+        ),
+        supports_check_mode=True,
+    )
+    facts = gather(module, module.params["wireguard_probe"], module.params["iptables"])
+    result = dict(changed=False, ansible_facts=dict(netstack_ebpf=facts))
+    result.update(facts)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
