@@ -229,6 +229,14 @@ class Node:
         with open(os.path.join(root, "etc/machine-id"), "w") as f:
             f.write(uuid.uuid4().hex + "\n")
         os.makedirs(os.path.join(root, "var/log/journal"), exist_ok=True)
+        # /proc/sys is writable in nodes (see _boot) and kernel-global keys are shared with the
+        # host: mask the distribution's sysctl defaults (core_pattern, pid_max) so booting a node
+        # never changes the host. Per-namespace net.* keys written later stay the node's own.
+        vendor = os.path.join(root, "usr/lib/sysctl.d")
+        for fn in (os.listdir(vendor) if os.path.isdir(vendor) else []):
+            mask = os.path.join(root, "etc/sysctl.d", fn)
+            if not os.path.lexists(mask):
+                os.symlink("/dev/null", mask)
         ssh_dir = os.path.join(root, "root/.ssh")
         os.makedirs(ssh_dir, mode=0o700, exist_ok=True)
         keys = os.path.join(ssh_dir, "authorized_keys")
@@ -259,7 +267,11 @@ class Node:
                 os.dup2(log, 1)
                 os.dup2(log, 2)
                 os.closerange(3, 1024)
-                os.execv(argv[0], argv)
+                # /sys and /proc/sys writable inside the node as on a real machine: bpffs mounts
+                # under /sys/fs/bpf, net.* sysctls (per network namespace). The collection only
+                # writes per-namespace keys; vendor defaults for global keys are masked.
+                env = dict(os.environ, SYSTEMD_NSPAWN_API_VFS_WRITABLE="yes")
+                os.execve(argv[0], argv, env)
             finally:
                 os._exit(127)
         os.close(log)
