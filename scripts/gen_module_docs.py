@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Render docs/modules.md from the modules' DOCUMENTATION/EXAMPLES/RETURN (via ansible-doc --json).
 
     .venv/bin/python scripts/gen_module_docs.py          # rewrite docs/modules.md
@@ -34,8 +33,8 @@ def _options(opts, depth=0):
             extra.append("default `%s`" % json.dumps(o["default"]))
         if o.get("choices"):
             extra.append("choices: " + ", ".join("`%s`" % c for c in o["choices"]))
-        rows.append("| %s`%s` | %s | %s | %s |" % ("&nbsp;&nbsp;" * depth, name, typ, "; ".join(extra),
-                                                _text(o.get("description")).replace("|", "\\|")))
+        desc = _text(o.get("description")).replace("|", "\\|")
+        rows.append("| %s`%s` | %s | %s | %s |" % ("&nbsp;&nbsp;" * depth, name, typ, "; ".join(extra), desc))
         if o.get("suboptions"):
             rows += _options(o["suboptions"], depth + 1)
     return rows
@@ -63,8 +62,8 @@ def render():
             out += ["Returns:", "", "| key | type | returned | description |", "|---|---|---|---|"]
             for k in sorted(ret):
                 r = ret[k]
-                out.append("| `%s` | %s | %s | %s |" % (k, r.get("type", ""), _text(r.get("returned")),
-                                                       _text(r.get("description")).replace("|", "\\|")))
+                desc = _text(r.get("description")).replace("|", "\\|")
+                out.append("| `%s` | %s | %s | %s |" % (k, r.get("type", ""), _text(r.get("returned")), desc))
             out.append("")
     return "\n".join(out).rstrip() + "\n"
 
