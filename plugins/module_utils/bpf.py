@@ -1,40 +1,58 @@
 # -*- coding: utf-8 -*-
 # Copyright: kldload.netstack contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The BPF filesystem: mounted at a path, persistent through a systemd mount unit."""
+"""The BPF filesystem: mounted at a path, persistent through a systemd mount unit.
+
+``inspect()`` reads what is at the path now (mount table, statfs magic, the unit file and its
+enablement), ``plan()`` - a pure function - checks the request against it and returns the wanted
+state and the actions that get there (or raises BpffsError, before anything is touched), and
+``apply()`` performs the actions.
+"""
 
 from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import ctypes
 import os
+import platform
+import re
 import stat
+import struct
 
 from ansible_collections.kldload.netstack.plugins.module_utils.kernel import read_mounts
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool, ToolError
 
 UNIT_DIR = "/etc/systemd/system"
-WANTS_DIR = os.path.join(UNIT_DIR, "local-fs.target.wants")
+WANTED_BY = "local-fs.target"
 BPF_FS_MAGIC = 0xCAFE4A11
+MOUNT_OPTIONS = "rw,nosuid,nodev,noexec,relatime"
+# bpffs root: mode= (default 0777) plus the sticky bit, which the kernel always adds
+DEFAULT_ROOT_MODE = 0o1777
+UNIT_MARKER = "# Managed by kldload.netstack.bpffs"
 
 
 class BpffsError(Exception):
-    pass
+    """The request cannot be carried out; the message names the offending option."""
 
+
+# -- names ----------------------------------------------------------------------------------------
 
 def escape_path(path):
-    """systemd-escape --path: strip slashes, '/' -> '-', other unsafe bytes -> \\xNN."""
+    """``systemd-escape --path``: strip slashes, '/' -> '-', other unsafe bytes (and a leading
+    '.') -> \\xNN, the root directory -> '-'."""
     path = os.path.normpath(path).strip("/")
     if not path:
         return "-"
     out = []
-    for i, ch in enumerate(path):
+    for i, byte in enumerate(bytearray(path.encode("utf-8"))):
+        ch = chr(byte)
         if ch == "/":
             out.append("-")
-        elif ch.isalnum() and ord(ch) < 128 or ch in "_:" or (ch == "." and i > 0):
+        elif (ch.isalnum() and byte < 128) or ch in "_:" or (ch == "." and i > 0):
             out.append(ch)
         else:
-            out.extend("\\x%02x" % b for b in ch.encode("utf-8"))
+            out.append("\\x%02x" % byte)
     return "".join(out)
 
 
@@ -42,15 +60,37 @@ def unit_name(path):
     return escape_path(path) + ".mount"
 
 
+def parse_mode(value):
+    """Permission bits from an octal string ('0700', '700') or an int (YAML 0700); BpffsError."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise BpffsError("mode must be octal permission bits such as '0700', got %r" % (value,))
+    if isinstance(value, int):
+        mode = value
+    else:
+        text = str(value).strip()
+        if not re.match(r"^0?[0-7]{3,4}$", text):
+            raise BpffsError("mode must be octal permission bits such as '0700', got %r" % (value,))
+        mode = int(text, 8)
+    if not 0 <= mode <= 0o7777:
+        raise BpffsError("mode must be octal permission bits such as '0700', got %r" % (value,))
+    return mode
+
+
+def mount_options(mode=None):
+    return MOUNT_OPTIONS + (",mode=%04o" % mode if mode is not None else "")
+
+
 def unit_text(path, mode=None):
-    options = "rw,nosuid,nodev,noexec,relatime" + (",mode=%s" % mode if mode else "")
+    where = path.replace("%", "%%")  # unit files expand %-specifiers
     return (
-        "# Managed by kldload.netstack.bpffs\n"
+        UNIT_MARKER + "\n"
         "[Unit]\n"
         "Description=BPF filesystem at %s (kldload.netstack)\n"
         "Documentation=man:bpf(2)\n"
         "DefaultDependencies=no\n"
-        "Before=local-fs.target umount.target\n"
+        "Before=%s umount.target\n"
         "Conflicts=umount.target\n"
         "\n"
         "[Mount]\n"
@@ -60,8 +100,37 @@ def unit_text(path, mode=None):
         "Options=%s\n"
         "\n"
         "[Install]\n"
-        "WantedBy=local-fs.target\n"
-    ) % (path, path, options)
+        "WantedBy=%s\n"
+    ) % (where, WANTED_BY, where, mount_options(mode), WANTED_BY)
+
+
+def canonical_path(path):
+    """Absolute, normalised, parent directories' symlinks resolved (as the mount table shows it)."""
+    if not path or not os.path.isabs(path):
+        raise BpffsError("path must be an absolute path, got %r" % (path,))
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise BpffsError("path must not contain control characters, got %r" % (path,))
+    path = os.path.normpath(path)
+    if path == "/":
+        return path
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    parent, base = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), base)
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+def statfs_magic(path):
+    """f_type of statfs(2) on ``path`` (the filesystem that is visible there); OSError on failure."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(512)  # larger than struct statfs on any architecture
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    # f_type is the first member: a long, except on s390x where it is an unsigned int
+    fmt = "@I" if platform.machine() == "s390x" else "@l"
+    return struct.unpack_from(fmt, buf.raw)[0] & 0xFFFFFFFF
 
 
 def _read(path):
@@ -72,117 +141,189 @@ def _read(path):
         return None
 
 
-class Bpffs:
-    """Read the current state at a path, compute the wanted one, apply the difference."""
+def _kind(path):
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "missing"
+    if stat.S_ISLNK(st.st_mode):
+        return "symlink"
+    if stat.S_ISDIR(st.st_mode):
+        return "directory"
+    if stat.S_ISREG(st.st_mode):
+        return "file"
+    return "special file"
 
-    def __init__(self, module, path, state="present", persistent=True, mode=None):
-        self.module = module
-        self.path = os.path.normpath(path)
-        self.state = state
-        self.persistent = persistent
-        self.mode = mode
-        self.unit = os.path.join(UNIT_DIR, unit_name(self.path))
-        self.wants = os.path.join(WANTS_DIR, unit_name(self.path))
-        self.mount_tool = Tool(module, "mount")
-        self.umount_tool = Tool(module, "umount")
-        self.systemctl = Tool(module, "systemctl")
 
-    # -- state -------------------------------------------------------------------------------
-    def fstype(self):
-        """Filesystem type mounted exactly at path (the top of the stack), or None."""
-        found = None
-        for point, fstype, dummy, dummy2 in read_mounts():
-            if point == self.path:
-                found = fstype
-        return found
+def inspect(path, unit_dir=UNIT_DIR, mounts=None, magic=statfs_magic):
+    """What is at ``path`` now.
 
-    def current(self):
-        return dict(path=self.path, fstype=self.fstype(), unit=_read(self.unit),
-                    enabled=os.path.islink(self.wants))
-
-    def desired(self, before):
-        if self.state == "absent":
-            return dict(path=self.path, fstype=None, unit=None, enabled=False)
-        return dict(path=self.path, fstype="bpf",
-                    unit=unit_text(self.path, self.mode) if self.persistent else before["unit"],
-                    enabled=True if self.persistent else before["enabled"])
-
-    def validate(self, before):
-        """Refuse what must never be done; raises BpffsError naming `path`."""
-        if not os.path.isabs(self.path):
-            raise BpffsError("path must be absolute, got %r" % self.path)
-        if os.path.lexists(self.path):
-            st = os.lstat(self.path)
-            if stat.S_ISLNK(st.st_mode):
-                raise BpffsError("path %s is a symbolic link; give the real directory" % self.path)
-            if not stat.S_ISDIR(st.st_mode):
-                raise BpffsError("path %s exists and is not a directory; refusing to mount bpffs there"
-                                 % self.path)
-        if self.state == "present" and before["fstype"] not in (None, "bpf"):
-            raise BpffsError("path %s has a %s filesystem mounted; refusing to mount bpffs over it"
-                             % (self.path, before["fstype"]))
-        if self.state == "absent" and before["fstype"] not in (None, "bpf"):
-            raise BpffsError("path %s has a %s filesystem mounted, not bpf; leaving it alone"
-                             % (self.path, before["fstype"]))
-        if self.mode is not None:
+    ``state`` (compared and shown as the diff): mounted (anything mounted at path), fstype (of what
+    is visible there: 'bpf' when statfs says BPF_FS_MAGIC, else the mount table's name), mode (root
+    permissions of a mounted bpffs, octal string), unit (content or None), enabled.
+    ``facts`` (only for checks): kind of the path, whether a directory is empty.
+    """
+    if mounts is None:
+        mounts = read_mounts()
+    here = [m for m in mounts if m[0] == path]
+    name = unit_name(path)
+    unit = os.path.join(unit_dir, name)
+    wants = os.path.join(unit_dir, WANTED_BY + ".wants", name)
+    kind = _kind(path)
+    fstype, mode = None, None
+    if here:
+        try:
+            fs_magic = magic(path)
+        except OSError:
+            fs_magic = None  # hidden by a mount above it
+        if fs_magic == BPF_FS_MAGIC:
+            fstype = "bpf"
             try:
-                if int(self.mode, 8) > 0o7777:
-                    raise ValueError()
-            except ValueError:
-                raise BpffsError("mode must be an octal permission string such as 0700, got %r" % self.mode)
-
-    # -- apply -------------------------------------------------------------------------------
-    def _systemd_running(self):
-        return os.path.isdir("/run/systemd/system") and self.systemctl.available
-
-    def apply(self, before, after):
-        if self.state == "present":
-            if before["unit"] != after["unit"] and after["unit"] is not None:
-                self._write_unit(after["unit"])
-            if after["enabled"] and not before["enabled"]:
-                os.makedirs(WANTS_DIR, exist_ok=True)
-                os.symlink(self.unit, self.wants)
-            if before["fstype"] != "bpf":
-                if not os.path.isdir(self.path):
-                    os.makedirs(self.path, 0o755)
-                opts = "rw,nosuid,nodev,noexec,relatime" + (",mode=%s" % self.mode if self.mode else "")
-                self.mount_tool.run("-t", "bpf", "-o", opts, "bpffs", self.path)
+                mode = "%04o" % (os.stat(path).st_mode & 0o7777)
+            except OSError:
+                mode = None
         else:
-            if before["fstype"] == "bpf":
-                self.umount_tool.run(self.path)
-            if before["enabled"]:
-                os.unlink(self.wants)
-            if before["unit"] is not None:
-                os.unlink(self.unit)
-        if before["unit"] != after["unit"] and self._systemd_running():
-            self.systemctl.run("daemon-reload", check=False)
+            # the top of the stack: the last mount at this point whose type is not bpf
+            others = [m[1] for m in here if m[1] != "bpf"]
+            fstype = others[-1] if others else ("unknown (f_type 0x%x)" % fs_magic if fs_magic else "unknown")
+    empty = None
+    if kind == "directory" and not here:
+        try:
+            empty = not os.listdir(path)
+        except OSError:
+            empty = None
+    return dict(
+        state=dict(path=path, mounted=bool(here), fstype=fstype, mode=mode, unit=_read(unit),
+                   enabled=os.path.islink(wants)),
+        facts=dict(kind=kind, empty=empty, unit_path=unit, wants_path=wants, stacked=len(here)),
+    )
 
-    def _write_unit(self, text):
-        os.makedirs(UNIT_DIR, exist_ok=True)
-        tmp = self.unit + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, self.unit)
+
+# -- deciding -------------------------------------------------------------------------------------
+
+def plan(before, facts, state="present", persistent=True, mode=None):
+    """(after, actions) for the request, or BpffsError naming the option; touches nothing.
+
+    ``mode`` is already parsed (int or None). Actions, in order: mkdir, mount, chmod, write_unit,
+    enable (present); umount, disable, remove_unit (absent); daemon_reload (when the unit files
+    changed)."""
+    path = before["path"]
+    kind = facts["kind"]
+    if kind == "symlink":
+        raise BpffsError("path %s is a symbolic link; give the directory it points to" % path)
+    if kind in ("file", "special file"):
+        raise BpffsError("path %s exists and is a %s, not a directory; refusing to mount bpffs there"
+                         % (path, "regular file" if kind == "file" else kind))
+    if before["mounted"] and before["fstype"] != "bpf":
+        if state == "present":
+            raise BpffsError("path %s has a %s filesystem mounted; refusing to mount bpffs over it"
+                             % (path, before["fstype"]))
+        raise BpffsError("path %s has a %s filesystem mounted, not bpf; leaving it alone"
+                         % (path, before["fstype"]))
+    actions = []
+    if state == "absent":
+        after = dict(path=path, mounted=False, fstype=None, mode=None, unit=None, enabled=False)
+        if before["mounted"]:
+            actions.append("umount")
+        if before["enabled"]:
+            actions.append("disable")
+        if before["unit"] is not None:
+            actions.append("remove_unit")
+    else:
+        if not before["mounted"] and kind == "directory" and facts.get("empty") is False:
+            raise BpffsError("path %s is a directory that is not empty; refusing to hide its contents "
+                             "under a bpffs mount" % path)
+        wanted_mode = "%04o" % ((mode | stat.S_ISVTX) if mode is not None else DEFAULT_ROOT_MODE)
+        if before["mounted"] and mode is None:
+            wanted_mode = before["mode"]
+        after = dict(path=path, mounted=True, fstype="bpf", mode=wanted_mode,
+                     unit=unit_text(path, mode) if persistent else before["unit"],
+                     enabled=True if persistent else before["enabled"])
+        if kind == "missing":
+            actions.append("mkdir")
+        if not before["mounted"]:
+            actions.append("mount")
+        elif before["mode"] != after["mode"]:
+            actions.append("chmod")
+        if after["unit"] != before["unit"]:
+            actions.append("write_unit")
+        if after["enabled"] and not before["enabled"]:
+            actions.append("enable")
+    if before["unit"] != after["unit"] or before["enabled"] != after["enabled"]:
+        actions.append("daemon_reload")
+    return after, actions
+
+
+# -- applying -------------------------------------------------------------------------------------
+
+def _systemd_running():
+    return os.path.isdir("/run/systemd/system")
+
+
+def apply(module, path, facts, actions, mode=None):
+    """Carry out ``actions`` (from plan) for ``path``; ToolError or OSError on failure."""
+    unit, wants = facts["unit_path"], facts["wants_path"]
+    for action in actions:
+        if action == "mkdir":
+            os.makedirs(path, 0o755)
+        elif action == "mount":
+            Tool(module, "mount").run("-t", "bpf", "-o", mount_options(mode), "bpffs", path)
+        elif action == "chmod":
+            os.chmod(path, mode | stat.S_ISVTX)
+        elif action == "write_unit":
+            _write(unit, unit_text(path, mode))
+        elif action == "enable":
+            if not os.path.isdir(os.path.dirname(wants)):
+                os.makedirs(os.path.dirname(wants), 0o755)
+            if os.path.lexists(wants):
+                os.unlink(wants)
+            os.symlink(unit, wants)
+        elif action == "umount":
+            umount = Tool(module, "umount")
+            for dummy in range(max(facts.get("stacked", 1), 1)):
+                umount.run(path)
+                if not [m for m in read_mounts() if m[0] == path]:
+                    break
+        elif action == "disable":
+            os.unlink(wants)
+        elif action == "remove_unit":
+            os.unlink(unit)
+        elif action == "daemon_reload":
+            systemctl = Tool(module, "systemctl")
+            if _systemd_running() and systemctl.available:
+                systemctl.run("daemon-reload")
+
+
+def _write(path, text):
+    if not os.path.isdir(os.path.dirname(path)):
+        os.makedirs(os.path.dirname(path), 0o755)
+    tmp = path + ".netstack-tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.rename(tmp, path)
 
 
 def run_bpffs(module, params, check_mode=False, want_diff=False):
-    fs = Bpffs(module, params["path"], params["state"], params["persistent"], params.get("mode"))
-    before = fs.current()
+    """The bpffs module: validate, read, plan, apply (unless check mode); the result dict."""
     try:
-        fs.validate(before)
+        mode = parse_mode(params.get("mode"))
+        path = canonical_path(params["path"])
+        found = inspect(path)
+        before = found["state"]
+        after, actions = plan(before, found["facts"], params["state"], params["persistent"], mode)
     except BpffsError as e:
-        module.fail_json(msg=str(e), path=fs.path)
-    after = fs.desired(before)
+        module.fail_json(msg=str(e), path=params.get("path"))
     changed = before != after
     if changed and not check_mode:
         try:
-            fs.apply(before, after)
+            apply(module, path, found["facts"], actions, mode)
         except (ToolError, OSError) as e:
-            module.fail_json(msg="bpffs at %s: %s" % (fs.path, e), path=fs.path)
-        after = fs.current()
-    result = dict(changed=changed, path=fs.path, mounted=after["fstype"] == "bpf",
-                  unit=fs.unit if after["unit"] is not None else None)
+            module.fail_json(msg="bpffs at %s: %s" % (path, e), path=path, actions=actions)
+        after = inspect(path)["state"]
+    result = dict(changed=changed, path=path, mounted=after["fstype"] == "bpf",
+                  unit=found["facts"]["unit_path"] if after["unit"] is not None else None,
+                  actions=actions if changed else [])
     if want_diff:
         result["diff"] = dict(before=before, after=after)
     return result

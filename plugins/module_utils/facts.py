@@ -7,7 +7,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-import ctypes.util
+import glob
 import os
 import platform
 import re
@@ -72,9 +72,68 @@ def bpftool_facts(module):
     return info
 
 
+_LIB_DIRS = ("/lib64", "/usr/lib64", "/lib", "/usr/lib", "/usr/local/lib", "/usr/local/lib64")
+
+
+def _ld_so_conf_dirs(path="/etc/ld.so.conf", depth=0):
+    """Library directories named in ld.so.conf and the files it includes."""
+    dirs = []
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except (IOError, OSError):
+        return dirs
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("include ") and depth < 4:
+            pattern = line.split(None, 1)[1]
+            if not os.path.isabs(pattern):
+                pattern = os.path.join(os.path.dirname(path), pattern)
+            for inc in sorted(glob.glob(pattern)):
+                dirs += _ld_so_conf_dirs(inc, depth + 1)
+        elif line.startswith("/"):
+            dirs.append(line)
+    return dirs
+
+
+def find_shared_library(name, dirs=None):
+    """Path of ``lib<name>.so.N...`` (the most specific version) in the library directories, or None.
+
+    Reads the directories the dynamic linker searches rather than running ldconfig or a compiler."""
+    if dirs is None:
+        dirs = list(_LIB_DIRS) + _ld_so_conf_dirs()
+        multiarch = "%s-linux-gnu" % platform.machine()
+        dirs += [os.path.join(d, multiarch) for d in ("/lib", "/usr/lib")]
+    best = None
+    for d in dirs:
+        for path in glob.glob(os.path.join(d, "lib%s.so.*" % name)):
+            m = re.match(r"^lib%s\.so\.(\d+(?:\.\d+)*)$" % re.escape(name), os.path.basename(path))
+            if m and os.path.exists(path):
+                key = tuple(int(x) for x in m.group(1).split("."))
+                if best is None or key > best[0]:
+                    best = (key, path)
+    return best[1] if best else None
+
+
 def libbpf_facts():
-    path = ctypes.util.find_library("bpf")
-    return dict(present=path is not None, library=path)
+    path = find_shared_library("bpf")
+    version = None
+    if path:
+        m = re.search(r"\.so\.(\d+(?:\.\d+)*)$", os.path.realpath(path))
+        version = m.group(1) if m else None
+    return dict(present=path is not None, library=path, version=version)
+
+
+def wireguard_facts(module, probe=True):
+    """Kernel support (probed), whether the module is there already, and the userspace tools."""
+    # read before probing: the probe itself may autoload the module
+    module_loaded = os.path.isdir("/sys/module/wireguard")
+    kernel_ok, detail = kernel.probe_wireguard() if probe else (None, "probe disabled (wireguard_probe=false)")
+    userspace = Tool(module, "wireguard-go").path
+    tools = Tool(module, "wg").path
+    return dict(kernel=kernel_ok, detail=detail, module_loaded=module_loaded,
+                userspace=userspace is not None, userspace_path=userspace,
+                tools=tools is not None, tools_path=tools)
 
 
 def gather(module, wireguard_probe=True, iptables=True):
@@ -85,22 +144,19 @@ def gather(module, wireguard_probe=True, iptables=True):
     cgroup2 = kernel.cgroup2_path(mounts)
     bpffs = kernel.bpf_mounts(mounts)
     btf = os.path.exists(kernel.BTF_VMLINUX)
-    ip = Tool(module, "ip")
-    wg_kernel, wg_detail = kernel.probe_wireguard(ip) if wireguard_probe else (None, "probe disabled")
+    wireguard = wireguard_facts(module, wireguard_probe)
     facts = dict(
         kernel=dict(release=release, version=list(version), version_text=kernel.version_text(version)),
         btf=btf,
         bpffs_mounts=bpffs,
         cgroup2_path=cgroup2,
-        kernel_config=dict(source=source,
-                           flags=dict((k, (config or {}).get(k, "n")) for k in kernel.CONFIG_FLAGS) if config else None),
-        wireguard=dict(kernel=wg_kernel, detail=wg_detail, module_loaded=os.path.isdir("/sys/module/wireguard"),
-                       userspace=Tool(module, "wireguard-go").path, tools=Tool(module, "wg").path),
+        kernel_config=dict(source=source, flags=kernel.config_flags(config)),
+        wireguard=wireguard,
         bpftool=bpftool_facts(module),
         libbpf=libbpf_facts(),
     )
     if iptables:
         facts["iptables"] = iptables_facts(module)
-    facts["requirements"] = kernel.evaluate_requirements(version, btf, cgroup2, bpffs, config, wg_kernel)
+    facts["requirements"] = kernel.evaluate_requirements(version, btf, cgroup2, bpffs, config, wireguard["kernel"])
     facts["requirements_unmet"] = [r["name"] for r in facts["requirements"] if not r["ok"]]
     return facts

@@ -3,17 +3,24 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """What a node's kernel offers the dataplane: version, config, BTF, mounts, WireGuard, requirements.
 
-Everything is read from /proc and /sys; the only command run is the WireGuard probe (``ip link
-add ... type wireguard``, deleted at once), because only asking the kernel tells the truth there.
+Everything is read from /proc and /sys. The one thing that is asked of the kernel rather than read
+is WireGuard support: a WireGuard link is created over rtnetlink inside a network namespace made
+for the purpose and thrown away with it, because only the kernel knows whether it can (a module
+that is not loaded yet may be autoloaded; a config file may not match the running kernel).
 """
 
 from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import ctypes
+import errno
 import gzip
 import os
 import re
+import signal
+import socket
+import struct
 
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 
@@ -35,7 +42,11 @@ VERSION_REQUIREMENTS = (
     ("kube_proxy_replacement", (5, 8), "kube-proxy replacement"),
     ("bbr_bandwidth_manager", (5, 8), "BBR bandwidth manager"),
 )
+# Config options checked as requirements when the config is readable.
+CONFIG_REQUIREMENTS = ("CONFIG_BPF_SYSCALL", "CONFIG_CGROUP_BPF")
 
+
+# -- version --------------------------------------------------------------------------------------
 
 def parse_release(release):
     """(major, minor, patch) from a kernel release string such as ``6.18.44-fc-v669``."""
@@ -48,6 +59,16 @@ def parse_release(release):
 def version_text(version):
     return ".".join(str(v) for v in version)
 
+
+def version_at_least(version, minimum):
+    """Whether ``version`` >= ``minimum``; both tuples or release strings (missing parts are 0)."""
+    def norm(v):
+        v = parse_release(v) if isinstance(v, str) else tuple(int(x) for x in v)
+        return tuple(v) + (0,) * (3 - len(v))
+    return norm(version) >= norm(minimum)
+
+
+# -- config ---------------------------------------------------------------------------------------
 
 def parse_config(text):
     """{CONFIG_X: 'y'|'m'|value} from kernel config text; ``# CONFIG_X is not set`` gives 'n'."""
@@ -64,27 +85,42 @@ def parse_config(text):
     return flags
 
 
-def read_config(release, proc_config="/proc/config.gz", boot_dir="/boot"):
-    """(source path, flags) from /proc/config.gz or /boot/config-RELEASE; (None, None) if neither."""
-    candidates = [(proc_config, True), (os.path.join(boot_dir, "config-%s" % release), False)]
-    for path, gz in candidates:
+def read_config(release, proc_config="/proc/config.gz", boot_dir="/boot", modules_dir="/lib/modules"):
+    """(source path, flags) of the running kernel's config; (None, None) if none is readable.
+
+    Tried in order: /proc/config.gz (the running kernel's own), /boot/config-RELEASE,
+    /lib/modules/RELEASE/config (Arch and others)."""
+    candidates = [proc_config, os.path.join(boot_dir, "config-%s" % release),
+                  os.path.join(modules_dir, release, "config")]
+    for path in candidates:
         try:
-            if gz:
+            if path.endswith(".gz"):
                 with gzip.open(path, "rt") as f:
-                    return path, parse_config(f.read())
-            with open(path) as f:
-                return path, parse_config(f.read())
+                    text = f.read()
+            else:
+                with open(path) as f:
+                    text = f.read()
         except (IOError, OSError, EOFError):
             continue
+        return path, parse_config(text)
     return None, None
 
+
+def config_flags(config, names=CONFIG_FLAGS):
+    """The flags that matter, each 'y', 'm', 'n' or a value; None without a config."""
+    if config is None:
+        return None
+    return dict((k, config.get(k, "n")) for k in names)
+
+
+# -- mounts ---------------------------------------------------------------------------------------
 
 def _unescape(path):
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
 
 
 def parse_mountinfo(text):
-    """[(mount point, fstype, source, options)] from /proc/self/mountinfo text."""
+    """[(mount point, fstype, source, options)] from /proc/self/mountinfo text, in table order."""
     mounts = []
     for line in text.splitlines():
         if " - " not in line:
@@ -93,7 +129,7 @@ def parse_mountinfo(text):
         lf, rf = left.split(), right.split()
         if len(lf) < 6 or len(rf) < 2:
             continue
-        mounts.append((_unescape(lf[4]), rf[0], rf[1], lf[5]))
+        mounts.append((_unescape(lf[4]), rf[0], _unescape(rf[1]), lf[5]))
     return mounts
 
 
@@ -103,7 +139,12 @@ def read_mounts(path="/proc/self/mountinfo"):
 
 
 def bpf_mounts(mounts):
-    return [m[0] for m in mounts if m[1] == "bpf"]
+    """Mount points of bpf filesystems, each once, in table order."""
+    seen = []
+    for m in mounts:
+        if m[1] == "bpf" and m[0] not in seen:
+            seen.append(m[0])
+    return seen
 
 
 def cgroup2_path(mounts):
@@ -118,47 +159,170 @@ def cgroup2_path(mounts):
     return sorted(paths, key=len)[0]
 
 
-def probe_wireguard(ip_tool):
-    """Whether the running kernel can create a WireGuard link. Asks the kernel (a link is created
-    and deleted at once); /sys/module/wireguard alone would miss an autoloadable module."""
-    if not ip_tool.available:
-        return None, "ip (iproute2) not found"
-    name = "nswgprobe%d" % (os.getpid() % 100000)
-    rc, dummy, err = ip_tool.run("link", "add", name, "type", "wireguard", check=False)
-    if rc == 0:
-        ip_tool.run("link", "del", name, check=False)
-        return True, "ip link add type wireguard succeeded"
-    return False, (err or "").strip() or "ip link add type wireguard failed"
+# -- WireGuard probe ------------------------------------------------------------------------------
+
+_CLONE_NEWNET = 0x40000000
+_RTM_NEWLINK, _RTM_DELLINK, _NLMSG_ERROR = 16, 17, 2
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_EXCL, _NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+_IFLA_IFNAME, _IFLA_LINKINFO, _IFLA_INFO_KIND = 3, 18, 1
+_NLA_F_NESTED = 0x8000
+PROBE_LINK = "nswgprobe"
+
+
+def _nla(kind, payload):
+    attr = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return attr + b"\0" * (-len(attr) % 4)
+
+
+def link_request(msg_type, name, kind=None, seq=1):
+    """An rtnetlink RTM_NEWLINK/RTM_DELLINK request for link ``name`` (of ``kind`` when creating)."""
+    flags = _NLM_F_REQUEST | _NLM_F_ACK
+    if msg_type == _RTM_NEWLINK:
+        flags |= _NLM_F_CREATE | _NLM_F_EXCL
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)  # struct ifinfomsg
+    body += _nla(_IFLA_IFNAME, name.encode() + b"\0")
+    if kind:
+        body += _nla(_IFLA_LINKINFO | _NLA_F_NESTED, _nla(_IFLA_INFO_KIND, kind.encode() + b"\0"))
+    return struct.pack("=IHHII", 16 + len(body), msg_type, flags, seq, 0) + body
+
+
+def parse_ack(data):
+    """The errno (0 for success) of the NLMSG_ERROR answer in ``data``."""
+    while len(data) >= 20:
+        length, msg_type = struct.unpack_from("=IH", data)
+        if msg_type == _NLMSG_ERROR:
+            return -struct.unpack_from("=i", data, 16)[0]
+        if length < 16:
+            break
+        data = data[(length + 3) & ~3:]
+    raise ValueError("no netlink acknowledgement")
+
+
+def _rtnl(request):
+    """Send one request over rtnetlink; its errno (0 = success)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # NETLINK_ROUTE
+    try:
+        sock.settimeout(10)
+        sock.bind((0, 0))
+        sock.send(request)
+        return parse_ack(sock.recv(65536))
+    finally:
+        sock.close()
+
+
+def _create_link(kind, name):
+    """Create and delete link ``name`` of ``kind`` in the current network namespace; errno."""
+    err = _rtnl(link_request(_RTM_NEWLINK, name, kind))
+    if err == 0:
+        _rtnl(link_request(_RTM_DELLINK, name))
+    return err
+
+
+def _create_link_in_new_netns(kind):
+    """Create a link of ``kind`` in a new network namespace that dies with a child process.
+
+    Returns the errno (0 = created) or None if no namespace could be made. Nothing can be left
+    behind: the link lives only in the namespace, which goes away when the child exits."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 255
+        try:
+            os.close(rfd)
+            signal.alarm(10)
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.unshare(_CLONE_NEWNET) != 0:
+                os.write(wfd, b"unshare %d" % ctypes.get_errno())
+            else:
+                os.write(wfd, b"link %d" % _rtnl(link_request(_RTM_NEWLINK, PROBE_LINK, kind)))
+            code = 0
+        except BaseException:  # pylint: disable=broad-except
+            pass
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    try:
+        answer = b""
+        while True:
+            chunk = os.read(rfd, 64)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        os.close(rfd)
+        os.waitpid(pid, 0)
+    parts = answer.decode().split()
+    if len(parts) != 2 or parts[0] != "link":
+        return None
+    return int(parts[1])
+
+
+def probe_link_kind(kind, new_netns=_create_link_in_new_netns, current_netns=_create_link):
+    """(supported: True/False/None, detail) for link type ``kind``, asked of the kernel.
+
+    First in a throwaway network namespace; where namespaces cannot be made, in the current one
+    with a unique name, deleted at once. None when the kernel could not be asked (no privilege)."""
+    how = "in a throwaway network namespace"
+    try:
+        err = new_netns(kind)
+    except OSError:
+        err = None
+    if err is None:
+        how = "in the host network namespace"
+        try:
+            err = current_netns(kind, "%s%d" % (PROBE_LINK, os.getpid() % 1000000))
+        except (OSError, ValueError) as e:
+            return None, "could not ask the kernel: %s" % e
+    if err == 0:
+        return True, "created a %s link %s" % (kind, how)
+    if err in (errno.EOPNOTSUPP, errno.ENODEV, errno.ENOENT):
+        return False, "the kernel cannot create %s links (%s)" % (kind, os.strerror(err))
+    if err in (errno.EPERM, errno.EACCES):
+        return None, "not permitted to create links (needs CAP_NET_ADMIN): %s" % os.strerror(err)
+    return None, "creating a %s link %s failed: %s" % (kind, how, os.strerror(err))
+
+
+def probe_wireguard():
+    """Whether the running kernel can create WireGuard links (True/False/None, detail)."""
+    return probe_link_kind("wireguard")
+
+
+# -- requirements ---------------------------------------------------------------------------------
+
+def _item(name, description, required, actual, ok, message):
+    return dict(name=name, description=description, required=required, actual=actual, ok=bool(ok),
+                message=message)
 
 
 def evaluate_requirements(version, btf, cgroup2, bpffs, config=None, wireguard_kernel=None):
-    """Compare a node with the masterclass kernel table, item by item.
+    """Compare a node with the masterclass kernel table (chapter 11), item by item.
 
-    Returns a list of {name, description, required, actual, ok, message}.
+    Returns a list of {name, description, required, actual, ok, message}: the version minimums,
+    then BTF, cgroup2 and bpffs presence, kernel WireGuard (when probed) and the config options
+    in CONFIG_REQUIREMENTS (when the config is readable).
     """
     items = []
     actual = version_text(version)
     for name, minimum, desc in VERSION_REQUIREMENTS:
-        ok = tuple(version) >= minimum
-        items.append(dict(
-            name=name, description=desc, required=">= %s" % version_text(minimum), actual=actual, ok=ok,
-            message="%s needs kernel >= %s, node has %s" % (desc, version_text(minimum), actual) if not ok
-            else "%s: kernel %s >= %s" % (desc, actual, version_text(minimum))))
+        ok = version_at_least(version, minimum)
+        required = ">= %s" % version_text(minimum)
+        items.append(_item(name, desc, required, actual, ok,
+                           "%s: kernel %s >= %s" % (desc, actual, version_text(minimum)) if ok else
+                           "%s needs kernel >= %s, node has %s" % (desc, version_text(minimum), actual)))
     presence = [
-        ("btf", "BTF for CO-RE (%s)" % BTF_VMLINUX, btf),
-        ("cgroup2", "cgroup v2 mounted (for socket-level load balancing)", bool(cgroup2)),
-        ("bpffs", "BPF filesystem mounted", bool(bpffs)),
+        ("btf", "BTF for CO-RE (%s)" % BTF_VMLINUX, bool(btf), BTF_VMLINUX if btf else None),
+        ("cgroup2", "cgroup v2 mounted (for socket-level load balancing)", bool(cgroup2), cgroup2),
+        ("bpffs", "BPF filesystem mounted", bool(bpffs), ", ".join(bpffs or []) or None),
     ]
     if wireguard_kernel is not None:
-        presence.append(("wireguard_kernel", "WireGuard in the kernel (else wireguard-go)", wireguard_kernel))
-    for name, desc, present in presence:
-        items.append(dict(name=name, description=desc, required="present",
-                          actual="present" if present else "missing", ok=bool(present),
-                          message="%s: %s" % (desc, "present" if present else "missing")))
+        presence.append(("wireguard_kernel", "WireGuard in the kernel (else wireguard-go)", wireguard_kernel,
+                         None))
+    for name, desc, present, where in presence:
+        actual = ("present (%s)" % where if where else "present") if present else "missing"
+        items.append(_item(name, desc, "present", actual, present, "%s: %s" % (desc, actual)))
     if config:
-        for flag in ("CONFIG_BPF_SYSCALL", "CONFIG_CGROUP_BPF"):
+        for flag in CONFIG_REQUIREMENTS:
             value = config.get(flag, "n")
             ok = value in ("y", "m")
-            items.append(dict(name=flag.lower(), description=flag, required="y", actual=value, ok=ok,
-                              message="%s=%s" % (flag, value)))
+            items.append(_item(flag.lower(), flag, "y or m", value, ok, "%s=%s" % (flag, value)))
     return items
