@@ -81,7 +81,6 @@ def test_a_node_that_does_not_boot_is_named_with_its_boot_log(lab, tmp_path):
                                               check=True).stdout
 
 
-@pytest.mark.order_last
 def test_down_twice_then_up_twice(lab):
     """down, down again (fine, nothing to do), up, up again (changes nothing)."""
     run_playbook("playbooks/lab.yml", "-e", "lab_state=down", inventory="localhost,")
