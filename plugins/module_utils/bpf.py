@@ -310,10 +310,11 @@ def run_bpffs(module, params, check_mode=False, want_diff=False):
         mode = parse_mode(params.get("mode"))
         path = canonical_path(params["path"])
         found = inspect(path)
-        before = found["state"]
-        after, actions = plan(before, found["facts"], params["state"], params["persistent"], mode)
+        after, actions = plan(found["state"], found["facts"], params["state"], params["persistent"], mode)
     except BpffsError as e:
         module.fail_json(msg=str(e), path=params.get("path"))
+        raise  # not reached: fail_json exits
+    before = found["state"]
     changed = before != after
     if changed and not check_mode:
         try:

@@ -14,16 +14,22 @@ short_description: Mount the BPF filesystem at a path and keep it mounted across
 version_added: 0.1.0
 description:
   - Makes sure a BPF filesystem (bpffs) is mounted at O(path), where pinned eBPF programs and maps
-    live, and that it is mounted again at boot through a systemd mount unit
-    C(/etc/systemd/system/<escaped path>.mount) enabled in C(local-fs.target).
-  - Checks the filesystem type at O(path) first. Another filesystem mounted there is an error with
-    a clear message; the module never mounts over it. A O(path) that is a regular file or a
-    symbolic link is an error too. Nothing is changed when the module fails.
-  - With O(state=absent) unmounts the bpffs at O(path) (pinned objects in it are released) and
-    removes the mount unit.
+    live, and (with O(persistent=true)) that it is mounted again at boot through a systemd mount
+    unit C(/etc/systemd/system/<escaped path>.mount) enabled in C(local-fs.target).
+  - Reads the mount table (C(/proc/self/mountinfo)) for what is mounted at O(path) and confirms a
+    bpffs with C(statfs(2)) (magic C(0xcafe4a11)). Another filesystem mounted there (a tmpfs, say)
+    is an error with a clear message; the module never mounts over it. A O(path) that is a regular
+    file, a symbolic link or a directory that is not empty is an error too. Every check is made
+    before anything is changed, so a failed run changes nothing.
+  - A missing mount point directory is created (mode 0755; the mounted bpffs root has its own
+    mode, see O(mode)).
+  - With O(state=absent) unmounts the bpffs at O(path) (pinned objects in it are released), and
+    removes and disables the mount unit. Nothing there is not a change.
 options:
   path:
-    description: Mount point. Created (mode 0755) if missing.
+    description:
+      - Absolute path of the mount point. Symbolic links in its parent directories are resolved
+        (the result is returned as RV(path)); O(path) itself must not be a symbolic link.
     type: path
     default: /sys/fs/bpf
   state:
@@ -32,17 +38,30 @@ options:
     choices: [present, absent]
     default: present
   persistent:
-    description: Also write and enable the systemd mount unit so the mount comes back at boot.
+    description:
+      - Also write and enable the systemd mount unit so the mount comes back at boot.
+      - With V(false) an existing unit is left as it is.
     type: bool
     default: true
   mode:
-    description: Permission bits of the filesystem root (mount option C(mode=)), for example V(0700).
-    type: str
+    description:
+      - Permission bits of the filesystem root (mount option C(mode=)), like Cilium's V(0700).
+        Quote it (V("0700")); an unquoted YAML V(0700) is read as the octal number it is.
+      - The kernel adds the sticky bit (V(0700) shows as C(1700)). A bpffs already mounted with
+        other permissions gets them changed with C(chmod); the unit mounts with them from then on.
+      - Unset, the permissions of a mounted bpffs are left alone (a new mount gets the kernel's
+        default, C(1777)).
+    type: raw
 notes:
-  - Why a mount unit and not an fstab line - the unit is a file the module owns, so it can be
-    compared and removed without editing a file other tools and people edit; it states its ordering
-    (before C(local-fs.target)); and systemd turns fstab lines into such units anyway.
-  - Supports check mode and diff mode (before/after of filesystem type, unit content, enablement).
+  - Why a systemd mount unit and not an fstab line - the unit is a file the module owns, so it can
+    be created, compared and removed without editing a file that other tools and people also edit;
+    it states its ordering explicitly (C(DefaultDependencies=no), before C(local-fs.target));
+    and systemd's fstab generator turns fstab lines into exactly such units anyway.
+  - The unit is enabled with the symlink C(systemctl enable) makes, so it works without a running
+    systemd (a chroot or image build); C(systemctl daemon-reload) is run when systemd is running
+    and the unit changed.
+  - Supports check mode and diff mode (before/after of C(mounted), C(fstype), C(mode), C(unit)
+    content and C(enabled)).
 author:
   - kldload.netstack developers (@kldload)
 """
@@ -51,12 +70,12 @@ EXAMPLES = r"""
 - name: BPF filesystem at the usual place, persistent
   kldload.netstack.bpffs:
 
-- name: A private bpffs instance for one tool
+- name: A private bpffs instance for one tool, root-only
   kldload.netstack.bpffs:
     path: /run/netstack/bpf
     mode: "0700"
 
-- name: Remove it again
+- name: Remove it again (unmount, remove the unit)
   kldload.netstack.bpffs:
     path: /run/netstack/bpf
     state: absent
@@ -64,19 +83,29 @@ EXAMPLES = r"""
 
 RETURN = r"""
 path:
-  description: The normalised mount point.
+  description: The mount point, normalised (parent directories' symbolic links resolved).
   returned: always
   type: str
   sample: /sys/fs/bpf
 mounted:
-  description: Whether a bpffs is mounted at RV(path) now.
+  description: Whether a bpffs is mounted at RV(path) now (in check mode, would be).
   returned: always
   type: bool
+  sample: true
 unit:
-  description: Path of the systemd mount unit, if there is one.
+  description: Path of the systemd mount unit if there is one (null if none).
   returned: always
   type: str
   sample: /etc/systemd/system/sys-fs-bpf.mount
+actions:
+  description:
+    - What was done (or would be in check mode), in order - C(mkdir), C(mount), C(chmod),
+      C(write_unit), C(enable), C(umount), C(disable), C(remove_unit), C(daemon_reload).
+    - Empty when nothing changed.
+  returned: always
+  type: list
+  elements: str
+  sample: [mount, write_unit, enable, daemon_reload]
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -89,7 +118,7 @@ def main():
             path=dict(type="path", default="/sys/fs/bpf"),
             state=dict(type="str", choices=["present", "absent"], default="present"),
             persistent=dict(type="bool", default=True),
-            mode=dict(type="str"),
+            mode=dict(type="raw"),
         ),
         supports_check_mode=True,
     )

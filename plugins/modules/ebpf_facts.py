@@ -16,21 +16,29 @@ description:
   - Gathers, as C(ansible_facts.netstack_ebpf) (and the same keys at the top level of the result)
     the kernel version, whether BTF is present, the bpffs mounts, the cgroup v2 mount point
     (detected, never assumed), the kernel config flags that matter (from C(/proc/config.gz) or
-    C(/boot/config-<release>)), WireGuard kernel support (probed by creating and deleting a
-    WireGuard link, not guessed), which iptables backends (legacy, nft) are in use and whether
-    kube-proxy rules exist in each (and in nftables), and whether bpftool and libbpf are present.
+    C(/boot/config-<release>) or C(/lib/modules/<release>/config)), WireGuard kernel support
+    (probed, not guessed), which iptables backends (legacy, nft) are in use and whether kube-proxy
+    rules exist in each (and in nftables), and whether bpftool and libbpf are present.
+  - WireGuard support is asked of the kernel - a WireGuard link is created over rtnetlink in a
+    network namespace made for the probe, which is thrown away with everything in it (where no
+    namespace can be made, in the host namespace under a unique name, deleted at once). This may
+    autoload the C(wireguard) module, as using WireGuard would; C(module_loaded) is read before.
   - C(requirements) compares the node item by item against the kernel table of the Cilium
     masterclass (chapter 11) - 4.19 basic eBPF, 5.10 recommended, 5.6 WireGuard, 5.8 kube-proxy
     replacement, 5.8 BBR bandwidth manager - plus BTF, cgroup v2 and bpffs presence, kernel WireGuard
     (probed) and C(CONFIG_BPF_SYSCALL)/C(CONFIG_CGROUP_BPF) when the config is readable.
-  - Never changes anything (the WireGuard probe link is deleted at once).
+  - Never changes anything and always returns C(changed=false); only reads C(/proc), C(/sys)
+    and runs read-only commands (C(iptables-save) per backend, C(nft list tables),
+    C(bpftool version)).
 options:
   wireguard_probe:
-    description: Probe kernel WireGuard support by creating and deleting a link (may autoload the module).
+    description:
+      - Probe kernel WireGuard support by creating a WireGuard link in a throwaway network namespace
+        (may autoload the module). With V(false), RV(wireguard.kernel) is null.
     type: bool
     default: true
   iptables:
-    description: Read the iptables backends and nftables tables (kube-proxy detection).
+    description: Read the iptables backends and nftables tables (kube-proxy detection); V(false) omits RV(iptables).
     type: bool
     default: true
 notes:
@@ -73,15 +81,22 @@ kernel_config:
   returned: always
   type: dict
 wireguard:
-  description: C(kernel) (probed), C(detail), C(module_loaded), C(userspace) (wireguard-go path), C(tools) (wg path).
+  description:
+    - C(kernel) - the kernel can create WireGuard links (probed; null if it could not be asked),
+      C(detail) - how the probe went, C(module_loaded) - C(/sys/module/wireguard) existed before the
+      probe (loaded or built in), C(userspace) - wireguard-go is on PATH (C(userspace_path)),
+      C(tools) - wg is on PATH (C(tools_path)).
   returned: always
   type: dict
+  sample: {"kernel": false, "detail": "the kernel cannot create wireguard links (Operation not supported)",
+           "module_loaded": false, "userspace": true, "userspace_path": "/usr/bin/wireguard-go",
+           "tools": true, "tools_path": "/usr/bin/wg"}
 bpftool:
   description: bpftool C(path), C(version) and the C(libbpf_version) it reports.
   returned: always
   type: dict
 libbpf:
-  description: Whether the libbpf shared library is present.
+  description: Whether the libbpf shared library is present - C(present), C(library) (path), C(version).
   returned: always
   type: dict
 iptables:
@@ -92,7 +107,13 @@ iptables:
   returned: when O(iptables=true)
   type: dict
 requirements:
-  description: One item per requirement - C(name), C(description), C(required), C(actual), C(ok), C(message).
+  description:
+    - One item per requirement - C(name), C(description), C(required) (such as C(>= 5.8) or
+      C(present)), C(actual), C(ok), C(message).
+    - Names - C(basic_ebpf) (>= 4.19), C(recommended) (>= 5.10), C(wireguard) (>= 5.6),
+      C(kube_proxy_replacement) (>= 5.8), C(bbr_bandwidth_manager) (>= 5.8), C(btf), C(cgroup2),
+      C(bpffs), C(wireguard_kernel) (when probed), C(config_bpf_syscall) and C(config_cgroup_bpf)
+      (when the kernel config is readable).
   returned: always
   type: list
   elements: dict

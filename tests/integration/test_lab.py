@@ -3,8 +3,6 @@ import json
 import re
 import subprocess
 
-import pytest
-
 from conftest import REPO, STATE_DIR, VENV_BIN, _env, run_playbook
 
 
