@@ -3,6 +3,11 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The BPF filesystem: mounted at a path, persistent through a systemd mount unit.
 
+Persistence is a systemd mount unit, except where systemd refuses one: for the mount points it
+treats as its own API file systems - /sys/fs/bpf among them, which it mounts itself at boot except
+in containers - it will not load a .mount unit ("Cannot create mount unit for API file system ...
+Refusing."), so there a oneshot service mounts bpffs at boot when nothing is mounted yet.
+
 ``inspect()`` reads what is at the path now (mount table, statfs magic, the unit file and its
 enablement), ``plan()`` - a pure function - checks the request against it and returns the wanted
 state and the actions that get there (or raises BpffsError, before anything is touched), and
@@ -56,8 +61,32 @@ def escape_path(path):
     return "".join(out)
 
 
-def unit_name(path):
+# Mount points systemd treats as API file systems (mount_point_is_api, mount_point_ignore in
+# systemd's mount-setup.c) and refuses .mount units for.
+SYSTEMD_API_PATHS = frozenset([
+    "/proc", "/sys", "/dev", "/sys/kernel/security", "/sys/fs/smackfs", "/dev/shm", "/dev/pts", "/run",
+    "/sys/fs/cgroup", "/sys/fs/pstore", "/sys/firmware/efi/efivars", "/sys/fs/bpf",
+    "/sys/fs/selinux", "/dev/console", "/proc/kmsg", "/proc/sys", "/proc/sys/kernel/random/boot_id",
+])
+
+
+def systemd_api_path(path):
+    """Whether systemd refuses a .mount unit for ``path`` (one of its API file system mount points)."""
+    return (path in SYSTEMD_API_PATHS or path.startswith("/sys/fs/cgroup/") or path == "/run/host"
+            or path.startswith("/run/host/"))
+
+
+def mount_unit_name(path):
+    """``systemd-escape --path --suffix=mount PATH``."""
     return escape_path(path) + ".mount"
+
+
+def unit_name(path):
+    """The unit the module manages for ``path``: its .mount unit, or for a systemd API mount point
+    (where a .mount unit is refused) the service ``netstack-bpffs-<escaped path>.service``."""
+    if systemd_api_path(path):
+        return "netstack-bpffs-%s.service" % escape_path(path)
+    return mount_unit_name(path)
 
 
 def parse_mode(value):
@@ -83,6 +112,9 @@ def mount_options(mode=None):
 
 
 def unit_text(path, mode=None):
+    """The unit file for ``path``: a .mount unit, or a oneshot .service for API mount points."""
+    if systemd_api_path(path):
+        return _service_text(path, mode)
     where = path.replace("%", "%%")  # unit files expand %-specifiers
     return (
         UNIT_MARKER + "\n"
@@ -102,6 +134,34 @@ def unit_text(path, mode=None):
         "[Install]\n"
         "WantedBy=%s\n"
     ) % (where, WANTED_BY, where, mount_options(mode), WANTED_BY)
+
+
+def _service_text(path, mode=None):
+    # Only for the fixed, plain API paths above: no quoting or specifier escaping needed. Mount
+    # unless something is mounted there; then fail unless it is a bpffs (never chmod another fs).
+    script = "mountpoint -q %s || mount -t bpf -o %s bpffs %s; findmnt -n -t bpf --mountpoint %s >/dev/null" % (
+        path, mount_options(mode), path, path)
+    if mode is not None:
+        script += " && chmod %04o %s" % (mode | stat.S_ISVTX, path)
+    lines = [
+        UNIT_MARKER,
+        "# systemd refuses .mount units for its API file systems (%s is one), so a service mounts it" % path,
+        "# at boot unless something is mounted there already.",
+        "[Unit]",
+        "Description=BPF filesystem at %s (kldload.netstack)" % path,
+        "Documentation=man:bpf(2)",
+        "DefaultDependencies=no",
+        "Before=%s" % WANTED_BY,
+        "",
+        "[Service]",
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        "ExecStart=/bin/sh -c '%s'" % script,
+        "",
+        "[Install]",
+        "WantedBy=%s" % WANTED_BY,
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def canonical_path(path):
@@ -161,7 +221,8 @@ def inspect(path, unit_dir=UNIT_DIR, mounts=None, magic=statfs_magic):
     ``state`` (compared and shown as the diff): mounted (anything mounted at path), fstype (of what
     is visible there: 'bpf' when statfs says BPF_FS_MAGIC, else the mount table's name), mode (root
     permissions of a mounted bpffs, octal string), unit (content or None), enabled.
-    ``facts`` (only for checks): kind of the path, whether a directory is empty.
+    stale_unit: content of a .mount unit this module once wrote where systemd refuses it.
+    ``facts`` (only for checks): kind of the path, whether a directory is empty, unit paths.
     """
     if mounts is None:
         mounts = read_mounts()
@@ -169,6 +230,14 @@ def inspect(path, unit_dir=UNIT_DIR, mounts=None, magic=statfs_magic):
     name = unit_name(path)
     unit = os.path.join(unit_dir, name)
     wants = os.path.join(unit_dir, WANTED_BY + ".wants", name)
+    # a .mount unit this module wrote for an API mount point (before it knew systemd refuses them)
+    stale, stale_unit, stale_wants = None, None, None
+    if systemd_api_path(path):
+        stale_unit = os.path.join(unit_dir, mount_unit_name(path))
+        stale_wants = os.path.join(unit_dir, WANTED_BY + ".wants", mount_unit_name(path))
+        text = _read(stale_unit)
+        if text is not None and text.startswith(UNIT_MARKER):
+            stale = text
     kind = _kind(path)
     fstype, mode = None, None
     if here:
@@ -194,8 +263,9 @@ def inspect(path, unit_dir=UNIT_DIR, mounts=None, magic=statfs_magic):
             empty = None
     return dict(
         state=dict(path=path, mounted=bool(here), fstype=fstype, mode=mode, unit=_read(unit),
-                   enabled=os.path.islink(wants)),
-        facts=dict(kind=kind, empty=empty, unit_path=unit, wants_path=wants, stacked=len(here)),
+                   enabled=os.path.islink(wants), stale_unit=stale),
+        facts=dict(kind=kind, empty=empty, unit_path=unit, wants_path=wants, stacked=len(here),
+                   service=systemd_api_path(path), stale_unit_path=stale_unit, stale_wants_path=stale_wants),
     )
 
 
@@ -204,9 +274,10 @@ def inspect(path, unit_dir=UNIT_DIR, mounts=None, magic=statfs_magic):
 def plan(before, facts, state="present", persistent=True, mode=None):
     """(after, actions) for the request, or BpffsError naming the option; touches nothing.
 
-    ``mode`` is already parsed (int or None). Actions, in order: mkdir, mount, chmod, write_unit,
-    enable (present); umount, disable, remove_unit (absent); daemon_reload (when the unit files
-    changed)."""
+    ``mode`` is already parsed (int or None). Actions, in this order - present: mkdir, mount,
+    chmod, write_unit, enable, remove_stale_unit, daemon_reload, start; absent: stop, umount,
+    disable, remove_unit, remove_stale_unit, daemon_reload. start/stop (of the service unit of an
+    API mount point) and daemon_reload only take effect where systemd is running."""
     path = before["path"]
     kind = facts["kind"]
     if kind == "symlink":
@@ -220,9 +291,12 @@ def plan(before, facts, state="present", persistent=True, mode=None):
                              % (path, before["fstype"]))
         raise BpffsError("path %s has a %s filesystem mounted, not bpf; leaving it alone"
                          % (path, before["fstype"]))
+    service = facts.get("service", False)
     actions = []
     if state == "absent":
-        after = dict(path=path, mounted=False, fstype=None, mode=None, unit=None, enabled=False)
+        after = dict(path=path, mounted=False, fstype=None, mode=None, unit=None, enabled=False, stale_unit=None)
+        if service and before["unit"] is not None:
+            actions.append("stop")
         if before["mounted"]:
             actions.append("umount")
         if before["enabled"]:
@@ -238,7 +312,7 @@ def plan(before, facts, state="present", persistent=True, mode=None):
             wanted_mode = before["mode"]
         after = dict(path=path, mounted=True, fstype="bpf", mode=wanted_mode,
                      unit=unit_text(path, mode) if persistent else before["unit"],
-                     enabled=True if persistent else before["enabled"])
+                     enabled=True if persistent else before["enabled"], stale_unit=None)
         if kind == "missing":
             actions.append("mkdir")
         if not before["mounted"]:
@@ -249,8 +323,14 @@ def plan(before, facts, state="present", persistent=True, mode=None):
             actions.append("write_unit")
         if after["enabled"] and not before["enabled"]:
             actions.append("enable")
-    if before["unit"] != after["unit"] or before["enabled"] != after["enabled"]:
+    if before.get("stale_unit") is not None:
+        actions.append("remove_stale_unit")
+    if (before["unit"] != after["unit"] or before["enabled"] != after["enabled"]
+            or before.get("stale_unit") is not None):
         actions.append("daemon_reload")
+    if state == "present" and service and persistent and (
+            before["unit"] != after["unit"] or before["enabled"] != after["enabled"]):
+        actions.append("start")
     return after, actions
 
 
@@ -263,6 +343,8 @@ def _systemd_running():
 def apply(module, path, facts, actions, mode=None):
     """Carry out ``actions`` (from plan) for ``path``; ToolError or OSError on failure."""
     unit, wants = facts["unit_path"], facts["wants_path"]
+    systemctl = Tool(module, "systemctl")
+    systemd = _systemd_running() and systemctl.available
     for action in actions:
         if action == "mkdir":
             os.makedirs(path, 0o755)
@@ -278,6 +360,8 @@ def apply(module, path, facts, actions, mode=None):
             if os.path.lexists(wants):
                 os.unlink(wants)
             os.symlink(unit, wants)
+        elif action == "stop" and systemd:
+            systemctl.run("stop", os.path.basename(unit))
         elif action == "umount":
             umount = Tool(module, "umount")
             for dummy in range(max(facts.get("stacked", 1), 1)):
@@ -288,10 +372,14 @@ def apply(module, path, facts, actions, mode=None):
             os.unlink(wants)
         elif action == "remove_unit":
             os.unlink(unit)
-        elif action == "daemon_reload":
-            systemctl = Tool(module, "systemctl")
-            if _systemd_running() and systemctl.available:
-                systemctl.run("daemon-reload")
+        elif action == "remove_stale_unit":
+            if os.path.islink(facts["stale_wants_path"]):
+                os.unlink(facts["stale_wants_path"])
+            os.unlink(facts["stale_unit_path"])
+        elif action == "daemon_reload" and systemd:
+            systemctl.run("daemon-reload")
+        elif action == "start" and systemd:
+            systemctl.run("start", os.path.basename(unit))
 
 
 def _write(path, text):

@@ -320,7 +320,7 @@ def evaluate_requirements(version, btf, cgroup2, bpffs, config=None, wireguard_k
     for name, desc, present, where in presence:
         actual = ("present (%s)" % where if where else "present") if present else "missing"
         items.append(_item(name, desc, "present", actual, present, "%s: %s" % (desc, actual)))
-    if config:
+    if config is not None:
         for flag in CONFIG_REQUIREMENTS:
             value = config.get(flag, "n")
             ok = value in ("y", "m")

@@ -16,6 +16,13 @@ description:
   - Makes sure a BPF filesystem (bpffs) is mounted at O(path), where pinned eBPF programs and maps
     live, and (with O(persistent=true)) that it is mounted again at boot through a systemd mount
     unit C(/etc/systemd/system/<escaped path>.mount) enabled in C(local-fs.target).
+  - Except at the mount points systemd keeps for its own API file systems, C(/sys/fs/bpf) among
+    them - systemd refuses to load a .mount unit for those ("Cannot create mount unit for API
+    file system"). It mounts C(/sys/fs/bpf) itself at boot on a host (with C(mode=0700)), but not in
+    a container. There the module writes C(/etc/systemd/system/netstack-bpffs-<escaped path>.service)
+    instead, a oneshot service that mounts bpffs at boot unless something is mounted there already
+    (and applies O(mode)). A C(sys-fs-bpf.mount) this module wrote earlier is removed; one written
+    by someone else is left alone.
   - Reads the mount table (C(/proc/self/mountinfo)) for what is mounted at O(path) and confirms a
     bpffs with C(statfs(2)) (magic C(0xcafe4a11)). Another filesystem mounted there (a tmpfs, say)
     is an error with a clear message; the module never mounts over it. A O(path) that is a regular
@@ -24,7 +31,7 @@ description:
   - A missing mount point directory is created (mode 0755; the mounted bpffs root has its own
     mode, see O(mode)).
   - With O(state=absent) unmounts the bpffs at O(path) (pinned objects in it are released), and
-    removes and disables the mount unit. Nothing there is not a change.
+    disables and removes the unit. Nothing there is not a change.
 options:
   path:
     description:
@@ -39,7 +46,7 @@ options:
     default: present
   persistent:
     description:
-      - Also write and enable the systemd mount unit so the mount comes back at boot.
+      - Also write and enable the systemd unit (see above) so the mount comes back at boot.
       - With V(false) an existing unit is left as it is.
     type: bool
     default: true
@@ -59,9 +66,9 @@ notes:
     and systemd's fstab generator turns fstab lines into exactly such units anyway.
   - The unit is enabled with the symlink C(systemctl enable) makes, so it works without a running
     systemd (a chroot or image build); C(systemctl daemon-reload) is run when systemd is running
-    and the unit changed.
+    and a unit changed (and the service of an API mount point is started, or stopped on removal).
   - Supports check mode and diff mode (before/after of C(mounted), C(fstype), C(mode), C(unit)
-    content and C(enabled)).
+    content, C(enabled) and C(stale_unit), the content of an own refused .mount unit).
 author:
   - kldload.netstack developers (@kldload)
 """
@@ -93,14 +100,17 @@ mounted:
   type: bool
   sample: true
 unit:
-  description: Path of the systemd mount unit if there is one (null if none).
+  description:
+    - Path of the systemd unit if there is one (null if none) - the .mount unit, or the .service of
+      an API mount point such as C(/sys/fs/bpf).
   returned: always
   type: str
-  sample: /etc/systemd/system/sys-fs-bpf.mount
+  sample: /etc/systemd/system/run-netstack-bpf.mount
 actions:
   description:
     - What was done (or would be in check mode), in order - C(mkdir), C(mount), C(chmod),
-      C(write_unit), C(enable), C(umount), C(disable), C(remove_unit), C(daemon_reload).
+      C(write_unit), C(enable), C(stop), C(umount), C(disable), C(remove_unit), C(remove_stale_unit),
+      C(daemon_reload), C(start).
     - Empty when nothing changed.
   returned: always
   type: list

@@ -34,7 +34,8 @@ options:
   wireguard_probe:
     description:
       - Probe kernel WireGuard support by creating a WireGuard link in a throwaway network namespace
-        (may autoload the module). With V(false), RV(wireguard.kernel) is null.
+        (may autoload the module). With V(false), RV(wireguard.kernel) is null and the
+        C(wireguard_kernel) requirement is left out.
     type: bool
     default: true
   iptables:
@@ -81,16 +82,38 @@ kernel_config:
   returned: always
   type: dict
 wireguard:
-  description:
-    - C(kernel) - the kernel can create WireGuard links (probed; null if it could not be asked),
-      C(detail) - how the probe went, C(module_loaded) - C(/sys/module/wireguard) existed before the
-      probe (loaded or built in), C(userspace) - wireguard-go is on PATH (C(userspace_path)),
-      C(tools) - wg is on PATH (C(tools_path)).
+  description: WireGuard support - in the kernel (probed) and in userspace.
   returned: always
   type: dict
-  sample: {"kernel": false, "detail": "the kernel cannot create wireguard links (Operation not supported)",
-           "module_loaded": false, "userspace": true, "userspace_path": "/usr/bin/wireguard-go",
-           "tools": true, "tools_path": "/usr/bin/wg"}
+  contains:
+    kernel:
+      description: The kernel can create WireGuard links (probed); null if it could not be asked or O(wireguard_probe=false).
+      type: bool
+      sample: false
+    detail:
+      description: How the probe went.
+      type: str
+      sample: the kernel cannot create wireguard links (Operation not supported)
+    module_loaded:
+      description: C(/sys/module/wireguard) existed before the probe (module loaded, or built in).
+      type: bool
+      sample: false
+    userspace:
+      description: wireguard-go is on PATH.
+      type: bool
+      sample: true
+    userspace_path:
+      description: Path of wireguard-go, null if absent.
+      type: str
+      sample: /usr/bin/wireguard-go
+    tools:
+      description: wg (wireguard-tools) is on PATH.
+      type: bool
+      sample: true
+    tools_path:
+      description: Path of wg, null if absent.
+      type: str
+      sample: /usr/bin/wg
 bpftool:
   description: bpftool C(path), C(version) and the C(libbpf_version) it reports.
   returned: always

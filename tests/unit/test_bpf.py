@@ -1,56 +1,258 @@
+import os
 import subprocess
 
 import pytest
 
 from ansible_collections.kldload.netstack.plugins.module_utils import bpf
 
+PATHS = ["/sys/fs/bpf", "/run/nstest-bpf", "/run/a b/c.d", "/", "/srv/x_y:z", "/run/.hidden/a-b",
+         "/run/caf\u00e9", "/run/100%"]
 
-@pytest.mark.parametrize("path", ["/sys/fs/bpf", "/run/nstest-bpf", "/run/a b/c.d", "/", "/srv/x_y:z"])
+
+@pytest.mark.parametrize("path,expected", [
+    ("/sys/fs/bpf", "sys-fs-bpf.mount"),
+    ("/run/netstack-test-bpf", "run-netstack\\x2dtest\\x2dbpf.mount"),
+    ("/", "-.mount"),
+    ("/run//x/", "run-x.mount"),
+    ("/run/.hidden/a.b", "run-.hidden-a.b.mount"),
+    ("/.x", "\\x2ex.mount"),
+    ("/run/a b", "run-a\\x20b.mount"),
+    ("/run/caf\u00e9", "run-caf\\xc3\\xa9.mount"),
+])
+def test_mount_unit_names(path, expected):
+    assert bpf.mount_unit_name(path) == expected
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_escape_matches_systemd_escape(path):
     try:
         expected = subprocess.run(["systemd-escape", "--path", "--suffix=mount", path], capture_output=True,
                                   text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("systemd-escape not available")
-    assert bpf.unit_name(path) == expected
+    assert bpf.mount_unit_name(path) == expected
 
 
-class _Module:
-    def get_bin_path(self, *a, **k):
-        return None
+def test_systemd_api_mount_points_get_a_service():
+    # systemd refuses .mount units for its API file systems; /sys/fs/bpf is one
+    assert bpf.systemd_api_path("/sys/fs/bpf") and bpf.systemd_api_path("/sys/fs/cgroup/x")
+    assert not bpf.systemd_api_path("/run/netstack/bpf") and not bpf.systemd_api_path("/sys/fs/bpf/sub")
+    assert bpf.unit_name("/sys/fs/bpf") == "netstack-bpffs-sys-fs-bpf.service"
+    assert bpf.unit_name("/run/netstack/bpf") == "run-netstack-bpf.mount"
+    text = bpf.unit_text("/sys/fs/bpf", 0o700)
+    assert "[Service]\nType=oneshot\nRemainAfterExit=yes\n" in text and "[Mount]" not in text
+    assert ("ExecStart=/bin/sh -c 'mountpoint -q /sys/fs/bpf || mount -t bpf -o "
+            "rw,nosuid,nodev,noexec,relatime,mode=0700 bpffs /sys/fs/bpf; "
+            "findmnt -n -t bpf --mountpoint /sys/fs/bpf >/dev/null && chmod 1700 /sys/fs/bpf'\n") in text
+    assert "chmod" not in bpf.unit_text("/sys/fs/bpf")
+    assert text.count("ExecStart=") == 1
+    assert "WantedBy=local-fs.target\n" in text
 
 
-def _fs(path, state="present", mode=None):
-    return bpf.Bpffs(_Module(), str(path), state=state, mode=mode)
+def test_unit_text():
+    text = bpf.unit_text("/run/100%", 0o700)
+    assert "Where=/run/100%%\n" in text  # unit files expand %-specifiers
+    assert "Type=bpf\n" in text and "WantedBy=local-fs.target\n" in text
+    assert "Options=rw,nosuid,nodev,noexec,relatime,mode=0700\n" in text
+    assert "mode=" not in bpf.unit_text("/sys/fs/bpf")
 
 
-def test_regular_file_is_refused_naming_path(tmp_path):
-    f = tmp_path / "file"
-    f.write_text("x")
-    fs = _fs(f)
-    with pytest.raises(bpf.BpffsError, match="path %s exists and is not a directory" % f):
-        fs.validate(dict(fstype=None))
+@pytest.mark.parametrize("value,expected", [
+    ("0700", 0o700), ("700", 0o700), ("1777", 0o1777), (0o750, 0o750), (None, None),
+])
+def test_parse_mode(value, expected):
+    assert bpf.parse_mode(value) == expected
 
 
-def test_other_filesystem_is_never_mounted_over(tmp_path):
-    fs = _fs(tmp_path)
-    with pytest.raises(bpf.BpffsError, match="has a tmpfs filesystem mounted; refusing"):
-        fs.validate(dict(fstype="tmpfs"))
-    with pytest.raises(bpf.BpffsError, match="not bpf; leaving it alone"):
-        _fs(tmp_path, state="absent").validate(dict(fstype="tmpfs"))
+@pytest.mark.parametrize("value", ["rwx", "u=rwx", "0800", "77", "07777777", True, -1, 0o10000, ""])
+def test_bad_mode_names_mode(value):
+    with pytest.raises(bpf.BpffsError, match="^mode must be"):
+        bpf.parse_mode(value)
 
 
-def test_bad_mode_is_refused(tmp_path):
-    with pytest.raises(bpf.BpffsError, match="mode must be an octal"):
-        _fs(tmp_path, mode="rwx").validate(dict(fstype=None))
+@pytest.mark.parametrize("value", ["relative/x", "", "/run/a\nb"])
+def test_bad_path_names_path(value):
+    with pytest.raises(bpf.BpffsError, match="^path must"):
+        bpf.canonical_path(value)
 
 
-def test_desired_state(tmp_path):
-    fs = _fs(tmp_path / "bpf", mode="0700")
-    before = dict(path=fs.path, fstype=None, unit=None, enabled=False)
-    after = fs.desired(before)
-    assert after["fstype"] == "bpf" and after["enabled"] is True
-    assert "Options=rw,nosuid,nodev,noexec,relatime,mode=0700" in after["unit"]
-    assert "Where=%s" % fs.path in after["unit"]
-    gone = _fs(tmp_path / "bpf", state="absent").desired(after)
-    assert gone == dict(path=fs.path, fstype=None, unit=None, enabled=False)
+def test_canonical_path_resolves_parent_symlinks(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert bpf.canonical_path(str(tmp_path / "link" / "bpf") + "/") == str(tmp_path.resolve() / "real" / "bpf")
+    assert bpf.canonical_path("//sys/fs/../fs/bpf") == "/sys/fs/bpf"
+    assert bpf.canonical_path("/") == "/"
+
+
+# -- reading: a fake mount table and a fake statfs ------------------------------------------------
+
+def _mount(path, fstype):
+    return (str(path), fstype, fstype, "rw")
+
+
+def _inspect(path, mounts=(), magic=None, unit_dir=None):
+    def fake_statfs(p):
+        if magic is None:
+            raise OSError(2, "gone")
+        return magic
+    return bpf.inspect(str(path), unit_dir=str(unit_dir or path), mounts=list(mounts), magic=fake_statfs)
+
+
+def test_inspect_nothing_there(tmp_path):
+    found = _inspect(tmp_path / "bpf", unit_dir=tmp_path)
+    assert found["state"] == dict(path=str(tmp_path / "bpf"), mounted=False, fstype=None, mode=None, unit=None,
+                                  enabled=False, stale_unit=None)
+    assert found["facts"]["kind"] == "missing"
+    assert found["facts"]["unit_path"] == os.path.join(str(tmp_path), bpf.unit_name(str(tmp_path / "bpf")))
+
+
+def test_inspect_trusts_statfs_for_bpf(tmp_path):
+    d = tmp_path / "bpf"
+    d.mkdir()
+    os.chmod(str(d), 0o1700)
+    found = _inspect(d, [_mount(d, "bpf")], bpf.BPF_FS_MAGIC, tmp_path)
+    assert found["state"]["fstype"] == "bpf" and found["state"]["mode"] == "1700"
+    # the mount table says bpf, but what is visible there (statfs) is a tmpfs stacked on top
+    found = _inspect(d, [_mount(d, "bpf"), _mount(d, "tmpfs")], 0x01021994, tmp_path)
+    assert found["state"]["mounted"] and found["state"]["fstype"] == "tmpfs"
+
+
+def test_inspect_reads_unit_and_enablement(tmp_path):
+    d = tmp_path / "bpf"
+    d.mkdir()
+    name = bpf.unit_name(str(d))
+    (tmp_path / name).write_text("x")
+    (tmp_path / "local-fs.target.wants").mkdir()
+    (tmp_path / "local-fs.target.wants" / name).symlink_to(tmp_path / name)
+    found = _inspect(d, unit_dir=tmp_path)
+    assert found["state"]["unit"] == "x" and found["state"]["enabled"] is True
+    assert found["facts"]["kind"] == "directory" and found["facts"]["empty"] is True
+
+
+# -- deciding -------------------------------------------------------------------------------------
+
+def _state(**kw):
+    s = dict(path="/run/x", mounted=False, fstype=None, mode=None, unit=None, enabled=False, stale_unit=None)
+    s.update(kw)
+    return s
+
+
+def _facts(kind="directory", empty=True, service=False):
+    return dict(kind=kind, empty=empty, service=service)
+
+
+def test_nothing_there_is_mounted_made_persistent_and_the_directory_created():
+    after, actions = bpf.plan(_state(), _facts("missing", None))
+    assert actions == ["mkdir", "mount", "write_unit", "enable", "daemon_reload"]
+    assert after == _state(mounted=True, fstype="bpf", mode="1777", unit=bpf.unit_text("/run/x"), enabled=True)
+    after, actions = bpf.plan(_state(), _facts(), mode=0o700)
+    assert actions == ["mount", "write_unit", "enable", "daemon_reload"] and after["mode"] == "1700"
+    assert "mode=0700" in after["unit"]
+
+
+def test_not_persistent_leaves_the_unit_alone():
+    after, actions = bpf.plan(_state(unit="theirs"), _facts(), persistent=False)
+    assert actions == ["mount"] and after["unit"] == "theirs" and after["enabled"] is False
+
+
+def test_regular_file_is_refused_naming_path():
+    with pytest.raises(bpf.BpffsError, match="^path /run/x exists and is a regular file, not a directory; refusing"):
+        bpf.plan(_state(), _facts("file"))
+    with pytest.raises(bpf.BpffsError, match="^path /run/x is a symbolic link"):
+        bpf.plan(_state(), _facts("symlink"))
+    for state in ("present", "absent"):
+        with pytest.raises(bpf.BpffsError, match="^path /run/x exists and is a special file"):
+            bpf.plan(_state(), _facts("special file"), state=state)
+
+
+def test_another_filesystem_is_never_mounted_over_nor_unmounted():
+    tmpfs = _state(mounted=True, fstype="tmpfs")
+    with pytest.raises(bpf.BpffsError, match="^path /run/x has a tmpfs filesystem mounted; refusing to mount bpffs"):
+        bpf.plan(tmpfs, _facts())
+    with pytest.raises(bpf.BpffsError, match="^path /run/x has a tmpfs filesystem mounted, not bpf; leaving it"):
+        bpf.plan(tmpfs, _facts(), state="absent")
+
+
+def test_a_non_empty_directory_is_not_hidden():
+    with pytest.raises(bpf.BpffsError, match="^path /run/x is a directory that is not empty"):
+        bpf.plan(_state(), _facts(empty=False))
+
+
+def test_present_and_correct_is_no_change():
+    unit = bpf.unit_text("/run/x", 0o700)
+    before = _state(mounted=True, fstype="bpf", mode="1700", unit=unit, enabled=True)
+    assert bpf.plan(before, _facts(empty=None), mode=0o700) == (before, [])
+    # without mode, the live permissions are left as they are
+    unit = bpf.unit_text("/run/x")
+    before = _state(mounted=True, fstype="bpf", mode="1700", unit=unit, enabled=True)
+    assert bpf.plan(before, _facts(empty=None)) == (before, [])
+
+
+def test_changed_mode_is_chmod_and_a_new_unit():
+    before = _state(mounted=True, fstype="bpf", mode="1777", unit=bpf.unit_text("/run/x"), enabled=True)
+    after, actions = bpf.plan(before, _facts(empty=None), mode=0o700)
+    assert actions == ["chmod", "write_unit", "daemon_reload"] and after["mode"] == "1700"
+
+
+def test_mounted_but_not_persistent_yet():
+    before = _state(mounted=True, fstype="bpf", mode="1777")
+    after, actions = bpf.plan(before, _facts(empty=None))
+    assert actions == ["write_unit", "enable", "daemon_reload"]
+
+
+def test_absent():
+    before = _state(mounted=True, fstype="bpf", mode="1777", unit="u", enabled=True)
+    after, actions = bpf.plan(before, _facts(empty=None), state="absent")
+    assert actions == ["umount", "disable", "remove_unit", "daemon_reload"]
+    assert after == _state()
+    # nothing there: no change
+    assert bpf.plan(_state(), _facts("missing", None), state="absent") == (_state(), [])
+    assert bpf.plan(_state(), _facts(), state="absent") == (_state(), [])
+    # only the unit left
+    assert bpf.plan(_state(unit="u"), _facts(), state="absent")[1] == ["remove_unit", "daemon_reload"]
+
+
+def test_api_mount_point_service_is_started_and_stopped():
+    before = _state(path="/sys/fs/bpf", mounted=True, fstype="bpf", mode="1700")
+    after, actions = bpf.plan(before, _facts(empty=None, service=True))
+    assert actions == ["write_unit", "enable", "daemon_reload", "start"]
+    assert after["unit"] == bpf.unit_text("/sys/fs/bpf")
+    assert bpf.plan(after, _facts(empty=None, service=True)) == (after, [])
+    gone, actions = bpf.plan(after, _facts(empty=None, service=True), state="absent")
+    assert actions == ["stop", "umount", "disable", "remove_unit", "daemon_reload"]
+
+
+def test_a_stale_mount_unit_for_an_api_mount_point_is_removed(tmp_path):
+    sysfs = tmp_path / "sys" / "fs" / "bpf"
+    sysfs.mkdir(parents=True)
+    units = tmp_path / "units"
+    (units / "local-fs.target.wants").mkdir(parents=True)
+    (units / "sys-fs-bpf.mount").write_text(bpf.UNIT_MARKER + "\n[Mount]\n")
+    (units / "local-fs.target.wants" / "sys-fs-bpf.mount").symlink_to(units / "sys-fs-bpf.mount")
+    found = bpf.inspect("/sys/fs/bpf", unit_dir=str(units), mounts=[("/sys/fs/bpf", "bpf", "bpffs", "rw")],
+                        magic=lambda p: bpf.BPF_FS_MAGIC)
+    assert found["state"]["stale_unit"].startswith(bpf.UNIT_MARKER)
+    assert found["facts"]["unit_path"] == str(units / "netstack-bpffs-sys-fs-bpf.service")
+    after, actions = bpf.plan(found["state"], found["facts"])
+    assert actions[-3:] == ["remove_stale_unit", "daemon_reload", "start"] and after["stale_unit"] is None
+    # someone else's sys-fs-bpf.mount (Cilium's, say) is not ours to remove
+    (units / "sys-fs-bpf.mount").write_text("[Mount]\nWhat=bpffs\n")
+    found = bpf.inspect("/sys/fs/bpf", unit_dir=str(units), mounts=[], magic=lambda p: 0)
+    assert found["state"]["stale_unit"] is None
+    assert "remove_stale_unit" not in bpf.plan(found["state"], found["facts"], state="absent")[1]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount")
+def test_real_statfs_and_inspect_on_a_private_bpffs(tmp_path):
+    d = tmp_path / "bpf"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "bpf", "-o", "mode=0700", "bpffs", str(d)], check=False).returncode != 0:
+        pytest.skip("cannot mount bpffs here")
+    try:
+        assert bpf.statfs_magic(str(d)) == bpf.BPF_FS_MAGIC
+        found = bpf.inspect(str(d), unit_dir=str(tmp_path))
+        assert found["state"]["mounted"] and found["state"]["fstype"] == "bpf" and found["state"]["mode"] == "1700"
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+    assert bpf.statfs_magic(str(d)) != bpf.BPF_FS_MAGIC
+    assert bpf.inspect(str(d), unit_dir=str(tmp_path))["state"]["mounted"] is False

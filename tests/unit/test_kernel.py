@@ -1,4 +1,7 @@
+import errno
 import gzip
+import os
+import struct
 
 import pytest
 
@@ -12,6 +15,7 @@ HYBRID = """\
 40 25 0:33 / /sys/fs/bpf rw,nosuid,nodev,noexec,relatime shared:15 - bpf bpf rw,mode=700
 41 30 0:34 / /run/my\\040bpf rw,relatime - bpf bpffs rw
 """
+ELSEWHERE = "27 26 0:25 / /run/cg2 rw - cgroup2 none rw\n"
 UNIFIED = "27 26 0:25 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw\n"
 
 
@@ -30,7 +34,20 @@ def test_parse_release_rejects_garbage():
 def test_cgroup2_detected_on_hybrid_and_unified_layouts():
     assert kernel.cgroup2_path(kernel.parse_mountinfo(HYBRID)) == "/sys/fs/cgroup/unified"
     assert kernel.cgroup2_path(kernel.parse_mountinfo(UNIFIED)) == "/sys/fs/cgroup"
+    assert kernel.cgroup2_path(kernel.parse_mountinfo(ELSEWHERE)) == "/run/cg2"
+    assert kernel.cgroup2_path(kernel.parse_mountinfo(HYBRID.replace("cgroup2 cgroup2", "cgroup cgroup"))) is None
     assert kernel.cgroup2_path([]) is None
+
+
+def test_mountinfo_fields():
+    mounts = kernel.parse_mountinfo(HYBRID)
+    assert mounts[2] == ("/sys/fs/cgroup/unified", "cgroup2", "cgroup2", "rw,nosuid,nodev,noexec,relatime")
+    assert kernel.parse_mountinfo("garbage\n\n") == []
+
+
+def test_the_real_mount_table_parses():
+    mounts = kernel.read_mounts()
+    assert any(m[0] == "/" for m in mounts)
 
 
 def test_bpf_mounts_with_escaped_names():
@@ -68,21 +85,105 @@ def test_boundaries_and_a_modern_kernel():
     assert all(i["ok"] for i in items)
 
 
-class _FakeIp:
-    available = True
-
-    def __init__(self, rc, err=""):
-        self.rc, self.err, self.calls = rc, err, []
-
-    def run(self, *args, **kw):
-        self.calls.append(args)
-        return (self.rc if args[1] == "add" else 0), "", self.err
+def test_version_comparison():
+    assert kernel.version_at_least((5, 8, 0), (5, 8))
+    assert kernel.version_at_least("6.18.44-fc-v669", "5.10")
+    assert not kernel.version_at_least((5, 7, 19), (5, 8))
+    assert not kernel.version_at_least("4.14.336", (4, 19))
+    assert kernel.version_at_least((5, 10), "5.10.0")
 
 
-def test_wireguard_probe_cleans_up_and_reports_kernel_answer():
-    ok = _FakeIp(0)
-    assert kernel.probe_wireguard(ok)[0] is True
-    assert ok.calls[-1][:2] == ("link", "del")
-    no = _FakeIp(2, "Error: Unknown device type.")
-    assert kernel.probe_wireguard(no) == (False, "Error: Unknown device type.")
-    assert len(no.calls) == 1
+def test_config_from_lib_modules_and_flags(tmp_path):
+    (tmp_path / "6.2.0").mkdir()
+    (tmp_path / "6.2.0" / "config").write_text("CONFIG_BPF=y\nCONFIG_BPF_LSM=y\n")
+    source, flags = kernel.read_config("6.2.0", str(tmp_path / "no.gz"), str(tmp_path), str(tmp_path))
+    assert source == str(tmp_path / "6.2.0" / "config")
+    shown = kernel.config_flags(flags)
+    assert set(shown) == set(kernel.CONFIG_FLAGS)
+    assert shown["CONFIG_BPF_LSM"] == "y" and shown["CONFIG_WIREGUARD"] == "n"
+    assert kernel.config_flags(None) is None
+
+
+def test_a_corrupt_gzip_falls_through(tmp_path):
+    (tmp_path / "config.gz").write_bytes(b"not gzip")
+    (tmp_path / "config-6.1.0").write_text("CONFIG_BPF=y\n")
+    source, flags = kernel.read_config("6.1.0", str(tmp_path / "config.gz"), str(tmp_path))
+    assert source == str(tmp_path / "config-6.1.0")
+
+
+def test_requirement_items_have_the_documented_shape():
+    for item in kernel.evaluate_requirements((6, 18, 44), True, "/sys/fs/cgroup", ["/sys/fs/bpf"]):
+        assert set(item) == {"name", "description", "required", "actual", "ok", "message"}
+        assert item["required"].startswith(">= ") or item["required"] == "present"
+        assert isinstance(item["ok"], bool)
+
+
+def test_old_kernel_fails_every_item_a_modern_one_passes_every_item():
+    old = kernel.evaluate_requirements((4, 14, 0), False, None, [], {}, False)
+    assert not any(i["ok"] for i in old)
+    new = kernel.evaluate_requirements((6, 18, 0), True, "/sys/fs/cgroup/unified", ["/sys/fs/bpf"],
+                                       {"CONFIG_BPF_SYSCALL": "y", "CONFIG_CGROUP_BPF": "y"}, True)
+    assert all(i["ok"] for i in new)
+    assert {i["name"] for i in old} == {i["name"] for i in new}
+
+
+# -- the WireGuard probe: the netlink messages and the decisions on the kernel's answers ----------
+
+def test_link_request_is_a_well_formed_rtnetlink_message():
+    msg = kernel.link_request(kernel._RTM_NEWLINK, "nswgprobe", "wireguard", seq=7)
+    length, mtype, flags, seq, pid = struct.unpack_from("=IHHII", msg)
+    assert length == len(msg) and len(msg) % 4 == 0
+    assert mtype == 16 and seq == 7 and pid == 0
+    assert flags & 0x400 and flags & 0x200 and flags & 0x4 and flags & 0x1  # CREATE|EXCL|ACK|REQUEST
+    assert b"nswgprobe\0" in msg and b"wireguard\0" in msg
+    delete = kernel.link_request(kernel._RTM_DELLINK, "nswgprobe")
+    assert struct.unpack_from("=H", delete, 4)[0] == 17 and b"wireguard" not in delete
+
+
+def _ack(err):
+    return struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", -err) + b"\0" * 16
+
+
+def test_parse_ack():
+    assert kernel.parse_ack(_ack(0)) == 0
+    assert kernel.parse_ack(_ack(errno.EOPNOTSUPP)) == errno.EOPNOTSUPP
+    with pytest.raises(ValueError):
+        kernel.parse_ack(b"")
+
+
+@pytest.mark.parametrize("err,expected", [
+    (0, True), (errno.EOPNOTSUPP, False), (errno.EPERM, None), (errno.EINVAL, None),
+])
+def test_probe_reports_the_kernels_answer(err, expected):
+    supported, detail = kernel.probe_link_kind("wireguard", new_netns=lambda kind: err,
+                                               current_netns=lambda kind, name: pytest.fail("not needed"))
+    assert supported is expected
+    assert "throwaway network namespace" in detail or expected is not True
+
+
+def test_probe_falls_back_to_the_host_namespace_with_a_unique_name():
+    calls = []
+
+    def current(kind, name):
+        calls.append((kind, name))
+        return 0
+    supported, detail = kernel.probe_link_kind("wireguard", new_netns=lambda kind: None, current_netns=current)
+    assert supported is True and "host network namespace" in detail
+    assert calls[0][0] == "wireguard" and calls[0][1].startswith(kernel.PROBE_LINK) and len(calls[0][1]) <= 15
+
+
+def test_probe_without_privilege_is_unknown_not_false():
+    def current(kind, name):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    supported, detail = kernel.probe_link_kind("wireguard", new_netns=lambda kind: None, current_netns=current)
+    assert supported is None and "could not ask" in detail
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN)")
+def test_real_probe_leaves_no_link_behind():
+    before = os.listdir("/sys/class/net")
+    supported, detail = kernel.probe_wireguard()
+    assert supported in (True, False), detail
+    # a kind every kernel has: the probe machinery itself works end to end
+    assert kernel.probe_link_kind("bridge")[0] in (True, False)
+    assert os.listdir("/sys/class/net") == before

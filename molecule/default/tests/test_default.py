@@ -13,9 +13,11 @@ def test_bpffs_is_mounted_and_persistent(host, groups):
     if "kube_nodes" not in groups:
         pytest.skip("not a kube node")
     assert host.mount_point("/sys/fs/bpf").filesystem == "bpf"
-    unit = host.file("/etc/systemd/system/sys-fs-bpf.mount")
-    assert unit.exists
-    assert host.run("systemctl is-enabled sys-fs-bpf.mount").stdout.strip() == "enabled"
+    # systemd refuses .mount units for its own API paths such as /sys/fs/bpf: a oneshot service
+    # mounts it at boot instead (see the bpffs module notes)
+    unit = host.file("/etc/systemd/system/netstack-bpffs-sys-fs-bpf.service")
+    assert unit.exists and unit.mode == 0o644
+    assert host.run("systemctl is-enabled netstack-bpffs-sys-fs-bpf.service").stdout.strip() == "enabled"
 
 
 def test_dataplane_sysctls(host, groups):
