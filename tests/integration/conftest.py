@@ -59,8 +59,14 @@ class Lab:
         return self.groups.get(group, [])
 
     def module(self, host, name, args=None, check=False, diff=False, expect_fail=False):
-        """Run one module on one host through ansible; return its result dict."""
-        argv = [str(VENV_BIN / "ansible"), host, "-i", str(self.inventory), "-m", name]
+        """Run one module on one host through ansible; return its result dict.
+
+        ``localhost`` is the lab host itself (the lab modules run there), reached locally."""
+        if host == "localhost":
+            argv = [str(VENV_BIN / "ansible"), host, "-i", "localhost,", "-c", "local",
+                    "-e", "ansible_python_interpreter=%s" % (VENV_BIN / "python"), "-m", name]
+        else:
+            argv = [str(VENV_BIN / "ansible"), host, "-i", str(self.inventory), "-m", name]
         if args:
             argv += ["-a", json.dumps(args)]
         if check:
@@ -106,16 +112,17 @@ class Lab:
 
     def restart(self, host, timeout=120):
         """Reboot one node container the lab's own way (clean poweroff, boot the same root)."""
-        args = {"name": host, "state": "restarted", "rootfs": self._rootfs(host),
+        self.module("localhost", "kldload.netstack.lab_node", self.node_args(host, state="restarted",
+                                                                            boot_timeout=timeout))
+
+    def node_args(self, host, **extra):
+        """lab_node arguments that describe an existing lab node as the lab role made it."""
+        args = {"name": host, "rootfs": self._rootfs(host),
                 "mgmt_address": "%s/24" % self.hostvars[host]["ansible_host"],
                 "lan_address": "%s/24" % self.hostvars[host]["netstack_underlay_ip"],
-                "authorized_key": Path(self.key + ".pub").read_text(), "boot_timeout": timeout}
-        argv = [str(VENV_BIN / "ansible"), "localhost", "-i", "localhost,", "-c", "local",
-                "-e", "ansible_python_interpreter=%s" % (VENV_BIN / "python"),
-                "-m", "kldload.netstack.lab_node", "-a", json.dumps(args)]
-        proc = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise AssertionError("restart of %s failed:\n%s\n%s" % (host, proc.stdout[-4000:], proc.stderr[-2000:]))
+                "authorized_key": Path(self.key + ".pub").read_text()}
+        args.update(extra)
+        return args
 
     @staticmethod
     def _rootfs(host):

@@ -1,9 +1,8 @@
 """The lab itself: real systemd nodes, the address plan, isolation, idempotent up/down."""
-import json
 import re
 import subprocess
 
-from conftest import REPO, STATE_DIR, VENV_BIN, _env, run_playbook
+from conftest import STATE_DIR, run_playbook
 
 
 def _recap_changed(proc):
@@ -62,21 +61,41 @@ def test_a_node_that_does_not_boot_is_named_with_its_boot_log(lab, tmp_path):
     (bad_root / "etc" / "os-release").write_text("ID=debian\nNAME=noinit\n")
     args = {"name": "broken", "rootfs": str(bad_root), "mgmt_address": "10.77.0.99/24",
             "lan_address": "192.168.1.99/24", "authorized_key": "ssh-ed25519 AAAA test", "boot_timeout": 20}
-    argv = [str(VENV_BIN / "ansible"), "localhost", "-i", "localhost,", "-c", "local",
-            "-e", "ansible_python_interpreter=%s" % (VENV_BIN / "python"), "-m", "kldload.netstack.lab_node"]
     try:
-        proc = subprocess.run(argv + ["-a", json.dumps(args)], cwd=REPO, env=_env(), capture_output=True,
-                              text=True, check=False)
-        assert proc.returncode != 0
-        assert "lab node broken did not come up" in proc.stdout, proc.stdout
-        assert "boot.log" in proc.stdout
+        res = lab.module("localhost", "kldload.netstack.lab_node", args, expect_fail=True)
+        assert "lab node broken did not come up" in res["msg"], res["msg"]
+        assert "boot.log" in res["msg"]
     finally:
-        proc = subprocess.run(argv + ["-a", json.dumps({"name": "broken", "state": "absent"})], cwd=REPO,
-                              env=_env(), capture_output=True, text=True, check=False)
-        assert proc.returncode == 0, proc.stdout
+        lab.module("localhost", "kldload.netstack.lab_node", {"name": "broken", "state": "absent"})
     assert not (STATE_DIR / "nodes" / "broken").exists()
-    assert "kln-broken" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                                              check=True).stdout
+    assert "kln-broken" not in _netns()
+
+
+def _netns():
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+
+
+def test_lab_modules_four_times(lab):
+    """lab_network and lab_node: check, apply, apply again, check again, for what exists and for a
+    new node (check mode makes nothing), then the new node absent the same way."""
+    for first in lab.four_times("localhost", "kldload.netstack.lab_network"):
+        assert first["changed"] is False
+    for first in lab.four_times("localhost", "kldload.netstack.lab_node", lab.node_args("cp1")):
+        assert first["changed"] is False
+    extra = lab.node_args("cp1", name="extra1", mgmt_address="10.77.0.98/24", lan_address="192.168.1.98/24")
+    try:
+        check = lab.module("localhost", "kldload.netstack.lab_node", extra, check=True)
+        assert check["changed"] and "boot extra1" in check["actions"]
+        assert "kln-extra1" not in _netns() and not (STATE_DIR / "nodes" / "extra1").exists()
+        first, applied, again, recheck = lab.four_times("localhost", "kldload.netstack.lab_node", extra)
+        assert applied["changed"] and applied["pid"] > 1
+        proc = subprocess.run(["ssh", "-i", lab.key, "-o", "StrictHostKeyChecking=no", "-o",
+                               "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "root@10.77.0.98", "hostname"],
+                              capture_output=True, text=True, check=False, timeout=60)
+        assert proc.stdout.strip() == "extra1", proc.stderr
+    finally:
+        gone = lab.four_times("localhost", "kldload.netstack.lab_node", {"name": "extra1", "state": "absent"})
+    assert gone[0]["changed"] and "kln-extra1" not in _netns()
 
 
 def test_down_twice_then_up_twice(lab):
