@@ -112,8 +112,8 @@ class Lab:
 
     def restart(self, host, timeout=120):
         """Reboot one node container the lab's own way (clean poweroff, boot the same root)."""
-        self.module("localhost", "kldload.netstack.lab_node", self.node_args(host, state="restarted",
-                                                                            boot_timeout=timeout))
+        args = self.node_args(host, state="restarted", boot_timeout=timeout)
+        self.module("localhost", "kldload.netstack.lab_node", args)
 
     def node_args(self, host, **extra):
         """lab_node arguments that describe an existing lab node as the lab role made it."""
