@@ -21,9 +21,20 @@ import socket
 import time
 import uuid
 
+from ansible.module_utils.basic import missing_required_lib
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool
 
+try:
+    from pyroute2 import IPRoute, NetNS
+    from pyroute2 import netns as pr_netns
+except ImportError:  # pragma: no cover - reported by Lab()
+    import traceback
+    PYROUTE2_IMPORT_ERROR = traceback.format_exc()
+else:
+    PYROUTE2_IMPORT_ERROR = None
+
 NETNS_DIR = "/run/netns"
+IFF_UP = 0x1
 
 
 class LabError(Exception):
@@ -42,11 +53,15 @@ def _ifname(prefix, node):
 
 
 class Lab:
-    """Host-side operations. ``module`` is an AnsibleModule (for run_command / get_bin_path)."""
+    """Host-side operations. ``module`` is an AnsibleModule (for run_command / get_bin_path).
+
+    Links, addresses and namespaces go through netlink (pyroute2); only the tools that have no
+    library equivalent (systemd-nspawn, ssh-keygen, mount) are run as commands."""
 
     def __init__(self, module, check=False):
+        if PYROUTE2_IMPORT_ERROR is not None:
+            module.fail_json(msg=missing_required_lib("pyroute2"), exception=PYROUTE2_IMPORT_ERROR)
         self.check = check
-        self.ip = Tool(module, "ip")
         self.nspawn = Tool(module, "systemd-nspawn")
         self.keygen = Tool(module, "ssh-keygen")
         self.mount = Tool(module, "mount")
@@ -54,80 +69,108 @@ class Lab:
         self.actions = []
 
     # -- primitives -------------------------------------------------------------------------
-    def _do(self, what, fn, *args):
+    def _do(self, what, fn, *args, **kwargs):
         self.actions.append(what)
         if not self.check:
-            fn(*args)
+            fn(*args, **kwargs)
 
-    def _ip(self, *args):
-        self.ip.run(*args)
+    @staticmethod
+    def _rt(netns=None):
+        """A netlink socket in the host's namespace or in ``netns``."""
+        return NetNS(netns) if netns else IPRoute()
 
     @staticmethod
     def netns_exists(name):
         return os.path.exists(os.path.join(NETNS_DIR, name))
 
-    def link_exists(self, name, netns=None):
-        args = (["-n", netns] if netns else []) + ["link", "show", "dev", name]
+    def _link(self, name, netns=None):
         if netns and not self.netns_exists(netns):
-            return False
-        return self.ip.run(*args, check=False)[0] == 0
+            return None
+        with self._rt(netns) as rt:
+            idx = rt.link_lookup(ifname=name)
+            return rt.get_links(idx[0])[0] if idx else None
+
+    def link_exists(self, name, netns=None):
+        return self._link(name, netns) is not None
 
     def _addrs(self, dev, netns=None):
-        args = (["-n", netns] if netns else []) + ["-o", "addr", "show", "dev", dev]
-        rc, out, dummy = self.ip.run(*args, check=False)
-        if rc != 0:
-            return set()
-        return set(line.split()[3] for line in out.splitlines() if len(line.split()) > 3)
+        with self._rt(netns) as rt:
+            idx = rt.link_lookup(ifname=dev)
+            if not idx:
+                return set()
+            return set("%s/%s" % (a.get("IFA_ADDRESS"), a["prefixlen"]) for a in rt.get_addr(index=idx[0]))
 
     def _link_up(self, dev, netns=None):
-        args = (["-n", netns] if netns else []) + ["-o", "link", "show", "dev", dev]
-        rc, out, dummy = self.ip.run(*args, check=False)
-        return rc == 0 and ",UP" in out.split(">")[0]
+        link = self._link(dev, netns)
+        return link is not None and bool(link["flags"] & IFF_UP)
 
+    def _set(self, netns, dev, **attrs):
+        with self._rt(netns) as rt:
+            rt.link("set", index=rt.link_lookup(ifname=dev)[0], **attrs)
+
+    def _add_addr(self, netns, dev, address):
+        addr, prefix = address.split("/")
+        with self._rt(netns) as rt:
+            rt.addr("replace", index=rt.link_lookup(ifname=dev)[0], address=addr, prefixlen=int(prefix))
+
+    def _add_link(self, netns, **attrs):
+        with self._rt(netns) as rt:
+            rt.link("add", **attrs)
+
+    def _del_link(self, netns, dev):
+        with self._rt(netns) as rt:
+            idx = rt.link_lookup(ifname=dev)
+            if idx:
+                rt.link("del", index=idx[0])
+
+    def _attach(self, netns, dev, bridge):
+        with self._rt(netns) as rt:
+            rt.link("set", index=rt.link_lookup(ifname=dev)[0], master=rt.link_lookup(ifname=bridge)[0])
+
+    # -- desired state ----------------------------------------------------------------------
     def ensure_netns(self, name):
         if not self.netns_exists(name):
-            self._do("create netns %s" % name, self._ip, "netns", "add", name)
+            self._do("create netns %s" % name, pr_netns.create, name)
         if self.check and not self.netns_exists(name):
             return
         if not self._link_up("lo", name):
-            self._do("set lo up in %s" % name, self._ip, "-n", name, "link", "set", "lo", "up")
+            self._do("set lo up in %s" % name, self._set, name, "lo", state="up")
 
     def ensure_bridge(self, name, address=None, netns=None):
-        ns = ["-n", netns] if netns else []
         if not self.link_exists(name, netns):
-            self._do("create bridge %s" % name, self._ip, *(ns + ["link", "add", name, "type", "bridge"]))
+            self._do("create bridge %s" % name, self._add_link, netns, ifname=name, kind="bridge")
+        if self.check and not self.link_exists(name, netns):
+            return
         self._ensure_addr_up(name, address, netns)
 
     def _ensure_addr_up(self, dev, address, netns=None):
-        ns = ["-n", netns] if netns else []
         if address and address not in self._addrs(dev, netns):
-            self._do("address %s on %s" % (address, dev), self._ip, *(ns + ["addr", "replace", address, "dev", dev]))
+            self._do("address %s on %s" % (address, dev), self._add_addr, netns, dev, address)
         if not self._link_up(dev, netns):
-            self._do("set %s up" % dev, self._ip, *(ns + ["link", "set", dev, "up"]))
+            self._do("set %s up" % dev, self._set, netns, dev, state="up")
 
     def ensure_veth(self, outer, outer_netns, bridge, inner, inner_netns, address):
         """A veth pair: ``outer`` enslaved to ``bridge`` (in outer_netns), ``inner`` in inner_netns."""
-        ons = ["-n", outer_netns] if outer_netns else []
         if not self.link_exists(inner, inner_netns):
             if self.link_exists(outer, outer_netns):
-                self._do("delete stale %s" % outer, self._ip, *(ons + ["link", "del", outer]))
-            self._do("create veth %s <-> %s/%s" % (outer, inner_netns, inner), self._ip,
-                     *(ons + ["link", "add", outer, "type", "veth", "peer", "name", inner, "netns", inner_netns]))
-            self._do("attach %s to %s" % (outer, bridge), self._ip, *(ons + ["link", "set", outer, "master", bridge]))
-            self._do("set %s up" % outer, self._ip, *(ons + ["link", "set", outer, "up"]))
+                self._do("delete stale %s" % outer, self._del_link, outer_netns, outer)
+            self._do("create veth %s <-> %s/%s" % (outer, inner_netns, inner), self._add_link, outer_netns,
+                     ifname=outer, kind="veth", peer={"ifname": inner, "net_ns_fd": inner_netns})
+            self._do("attach %s to %s" % (outer, bridge), self._attach, outer_netns, outer, bridge)
+            self._do("set %s up" % outer, self._set, outer_netns, outer, state="up")
         if self.check and not self.link_exists(inner, inner_netns):
             return
         self._ensure_addr_up(inner, address, inner_netns)
         if not self._link_up(outer, outer_netns):
-            self._do("set %s up" % outer, self._ip, *(ons + ["link", "set", outer, "up"]))
+            self._do("set %s up" % outer, self._set, outer_netns, outer, state="up")
 
     def delete_link(self, name, netns=None):
         if self.link_exists(name, netns):
-            self._do("delete link %s" % name, self._ip, *((["-n", netns] if netns else []) + ["link", "del", name]))
+            self._do("delete link %s" % name, self._del_link, netns, name)
 
     def delete_netns(self, name):
         if self.netns_exists(name):
-            self._do("delete netns %s" % name, self._ip, "netns", "del", name)
+            self._do("delete netns %s" % name, pr_netns.remove, name)
 
 
 # -- mounts and processes -------------------------------------------------------------------
