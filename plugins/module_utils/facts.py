@@ -14,12 +14,10 @@ import re
 
 from ansible_collections.kldload.netstack.plugins.module_utils import kernel
 from ansible_collections.kldload.netstack.plugins.module_utils.iptables import (
-    BACKENDS, FAMILIES, is_kube_proxy_chain, parse_nft_tables, parse_save)
+    BACKENDS, CMD_PREFIX, FAMILIES, NFT_FAMILY, is_kube_proxy_chain, parse_nft_tables, parse_save)
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool
 
 _BUILTIN_CHAINS = frozenset(["INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"])
-_SAVE_PREFIX = {"ipv4": "iptables", "ipv6": "ip6tables"}
-_NFT_FAMILY = {"ipv4": "ip", "ipv6": "ip6"}
 
 
 def iptables_facts(module):
@@ -27,7 +25,7 @@ def iptables_facts(module):
     out = {}
     for backend in BACKENDS:
         for family in FAMILIES:
-            tool = Tool(module, "%s-%s-save" % (_SAVE_PREFIX[family], backend))
+            tool = Tool(module, "%s-%s-save" % (CMD_PREFIX[family], backend))
             entry = dict(available=tool.available, in_use=False, rules=0, kube_proxy=False, kube_proxy_chains=0)
             if tool.available:
                 rc, text, err = tool.run(check=False)
@@ -52,7 +50,7 @@ def iptables_facts(module):
     out["nftables"] = dict(
         available=nft.available,
         tables=["%s %s" % t for t in tables],
-        kube_proxy=[f for f in FAMILIES if (_NFT_FAMILY[f], "kube-proxy") in tables],
+        kube_proxy=[f for f in FAMILIES if (NFT_FAMILY[f], "kube-proxy") in tables],
     )
     out["backends_in_use"] = sorted(set(b for b in BACKENDS for f in FAMILIES if out["%s_%s" % (b, f)]["in_use"]))
     out["kube_proxy_rules"] = (any(out["%s_%s" % (b, f)]["kube_proxy"] for b in BACKENDS for f in FAMILIES)

@@ -44,8 +44,8 @@ TABLES = ("nat", "filter", "mangle")
 BACKENDS = ("legacy", "nft")
 FAMILIES = ("ipv4", "ipv6")
 NFT_TABLE = "kube-proxy"
-_NFT_FAMILY = {"ipv4": "ip", "ipv6": "ip6"}
-_CMD_PREFIX = {"ipv4": "iptables", "ipv6": "ip6tables"}
+NFT_FAMILY = {"ipv4": "ip", "ipv6": "ip6"}
+CMD_PREFIX = {"ipv4": "iptables", "ipv6": "ip6tables"}
 _TARGET_OPTS = ("-j", "--jump", "-g", "--goto")
 _COUNTERS = re.compile(r"^\[\d+:\d+\]\s+")
 _CHAIN_COUNTERS = re.compile(r"\s+\[\d+:\d+\]$")
@@ -257,7 +257,7 @@ class _Backend:
     def __init__(self, module, backend, family):
         self.backend = backend
         self.family = family
-        base = "%s-%s" % (_CMD_PREFIX[family], backend)
+        base = "%s-%s" % (CMD_PREFIX[family], backend)
         self.save = Tool(module, base + "-save", ["-c"])
         self.restore = Tool(module, base + "-restore", ["-c", "-w", _XTABLES_WAIT])
         self.note = None
@@ -266,8 +266,8 @@ class _Backend:
 
     def _fallback(self, module):
         """Use plain iptables-save/-restore when they are this backend (iptables < 1.8, or alternatives)."""
-        plain_save = Tool(module, _CMD_PREFIX[self.family] + "-save", ["-c"])
-        plain_restore = Tool(module, _CMD_PREFIX[self.family] + "-restore", ["-c", "-w", _XTABLES_WAIT])
+        plain_save = Tool(module, CMD_PREFIX[self.family] + "-save", ["-c"])
+        plain_restore = Tool(module, CMD_PREFIX[self.family] + "-restore", ["-c", "-w", _XTABLES_WAIT])
         missing = [t.binary for t in (self.save, self.restore) if not t.available]
         self.note = "%s not found" % " and ".join(missing)
         if not (plain_save.available and plain_restore.available):
@@ -362,7 +362,7 @@ class KubeProxyCleanup:
         present = set(parse_nft_tables(out))
         changes = []
         for family in self.families:
-            fam = _NFT_FAMILY[family]
+            fam = NFT_FAMILY[family]
             if (fam, NFT_TABLE) not in present:
                 continue
             try:
