@@ -8,6 +8,7 @@ step() { printf '\n=== %s (%s)\n' "$1" "$(date +%T)"; }
 step "unit tests";        pytest -q tests/unit
 step "ansible-lint";      ansible-lint --profile production
 step "ansible-test sanity"; bash scripts/sanity.sh
+step "eBPF socket LB programs: build, verifier, selftest on a private cgroup"; bash bpf/selftest.sh
 step "integration tests on the lab"; pytest -q tests/integration
 step "molecule (create, converge, idempotence, verify, destroy)"; molecule test -s default
 step "done"

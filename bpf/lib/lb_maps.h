@@ -1,0 +1,135 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Map definitions. Names are <= 15 characters so the kernel's map name, the
+ * ELF name, bpftool's "map name NAME" and the pin file name are the same.
+ *
+ * Sizes: the defaults below can be changed at compile time (-DLB4_SVC_MAP_SIZE=...)
+ * and, without recompiling, at load time: the loader creates the maps itself
+ * with the sizes it wants, pins them, and loads the programs with
+ *   bpftool prog loadall OBJ DIR map name kln_lb4_svc pinned MAPDIR/kln_lb4_svc ...
+ * (libbpf then takes max_entries from the existing map). See bpf/README.md.
+ *
+ * Pinning: by default maps carry no libbpf pinning attribute and the loader pins
+ * them by name (bpftool ... pinmaps MAPDIR, or bpftool map create MAPDIR/NAME).
+ * Build with PIN_BY_NAME=1 to get __uint(pinning, LIBBPF_PIN_BY_NAME) for
+ * libbpf loaders that set pin_root_path (bpftool always uses /sys/fs/bpf then).
+ */
+#ifndef KLN_LB_MAPS_H
+#define KLN_LB_MAPS_H
+
+#include "common.h"
+#include "lb_structs.h"
+
+#ifndef LB4_SVC_MAP_SIZE
+#define LB4_SVC_MAP_SIZE 65536
+#endif
+#ifndef LB6_SVC_MAP_SIZE
+#define LB6_SVC_MAP_SIZE 65536
+#endif
+#ifndef LB4_BACKEND_MAP_SIZE
+#define LB4_BACKEND_MAP_SIZE 65536
+#endif
+#ifndef LB6_BACKEND_MAP_SIZE
+#define LB6_BACKEND_MAP_SIZE 65536
+#endif
+#ifndef LB4_REVNAT_MAP_SIZE
+#define LB4_REVNAT_MAP_SIZE 262144
+#endif
+#ifndef LB6_REVNAT_MAP_SIZE
+#define LB6_REVNAT_MAP_SIZE 262144
+#endif
+#ifndef LB_AFFINITY_MAP_SIZE
+#define LB_AFFINITY_MAP_SIZE 65536
+#endif
+/* 256 service ids * 2 halves * M=1021  (~2 MiB); size it with the loader. */
+#ifndef LB_MAGLEV_MAP_SIZE
+#define LB_MAGLEV_MAP_SIZE (256 * 2 * 1021)
+#endif
+
+#ifdef KLN_PIN_BY_NAME
+#define KLN_PINNING __uint(pinning, LIBBPF_PIN_BY_NAME);
+#else
+#define KLN_PINNING
+#endif
+
+/* Hash maps written by userspace use BPF_F_NO_PREALLOC: a replaced element is
+ * freed only after an RCU grace period, so a program that looked it up keeps a
+ * consistent copy (preallocated hash elements are recycled at once). */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb4_key);
+	__type(value, struct lb_service);
+	__uint(max_entries, LB4_SVC_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	KLN_PINNING
+} kln_lb4_svc SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb6_key);
+	__type(value, struct lb_service);
+	__uint(max_entries, LB6_SVC_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	KLN_PINNING
+} kln_lb6_svc SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct lb4_backend);
+	__uint(max_entries, LB4_BACKEND_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	KLN_PINNING
+} kln_lb4_backend SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct lb6_backend);
+	__uint(max_entries, LB6_BACKEND_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	KLN_PINNING
+} kln_lb6_backend SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb4_revnat_key);
+	__type(value, struct lb4_revnat);
+	__uint(max_entries, LB4_REVNAT_MAP_SIZE);
+	KLN_PINNING
+} kln_lb4_revnat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb6_revnat_key);
+	__type(value, struct lb6_revnat);
+	__uint(max_entries, LB6_REVNAT_MAP_SIZE);
+	KLN_PINNING
+} kln_lb6_revnat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, LB_MAGLEV_MAP_SIZE);
+	KLN_PINNING
+} kln_lb_maglev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb_affinity_key);
+	__type(value, struct lb_affinity);
+	__uint(max_entries, LB_AFFINITY_MAP_SIZE);
+	KLN_PINNING
+} kln_lb_affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct lb_config);
+	__uint(max_entries, 1);
+	KLN_PINNING
+} kln_lb_config SEC(".maps");
+
+#endif /* KLN_LB_MAPS_H */
