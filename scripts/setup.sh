@@ -36,4 +36,6 @@ ln -sfn ../../.. .collections/ansible_collections/kldload/netstack
 # not reachable here; give it the offline equivalent (pip version of the pinned ansible-core).
 mkdir -p ~/.ansible/test/cache
 cp scripts/get_pip_offline.py ~/.ansible/test/cache/get_pip_24_2.py
+# The eBPF objects the dataplane role copies to the nodes (nodes need no compiler).
+make -s -C bpf
 echo "setup: ok"

@@ -37,7 +37,25 @@ static __always_inline int lb_slot_backend(void *svc_map, void *key, __u16 *slot
 	return 0;
 }
 
-static __always_inline int lb_maglev_pick(const struct lb_service *m, __u64 cookie, __u32 *id)
+/* Maglev flow hash: the client's bound source address and port when the socket has
+ * one (so the same 5-tuple always lands on the same backend), else the socket cookie
+ * (at connect() time an unbound socket has no source port yet). */
+static __always_inline __u32 lb_flow_hash(struct bpf_sock_addr *ctx, __u64 cookie)
+{
+	struct bpf_sock *sk = ctx->sk;
+	__u32 port;
+
+	if (!sk)
+		return jhash_3words((__u32)cookie, (__u32)(cookie >> 32), 0, 0);
+	port = sk->src_port;
+	if (!port)
+		return jhash_3words((__u32)cookie, (__u32)(cookie >> 32), 0, 0);
+	if (sk->family == AF_INET)
+		return jhash_3words(sk->src_ip4, port, 0, 1);
+	return jhash_3words(sk->src_ip6[0] ^ sk->src_ip6[1], sk->src_ip6[2] ^ sk->src_ip6[3], port, 2);
+}
+
+static __always_inline int lb_maglev_pick(const struct lb_service *m, __u32 flow, __u32 *id)
 {
 	__u32 zero = 0, k, *v;
 	struct lb_config *cfg;
@@ -51,7 +69,7 @@ static __always_inline int lb_maglev_pick(const struct lb_service *m, __u64 cook
 	if (!mm)
 		return -1;
 	idx = ((__u64)m->service_id * 2 + (m->rev & 1)) * mm +
-	      jhash_3words((__u32)cookie, (__u32)(cookie >> 32), m->service_id, 0) % mm;
+	      jhash_3words(flow, m->service_id, 0, 0) % mm;
 	if (idx > 0xffffffffULL)
 		return -1;
 	k = (__u32)idx;
@@ -90,13 +108,13 @@ static __always_inline int lb_weighted_slot(void *svc_map, void *key, __u16 *slo
 }
 
 /* Backend id for a service whose master copy is *m (m->count > 0). */
-static __always_inline int lb_select(void *svc_map, void *key, __u16 *slot,
-				     const struct lb_service *m, __u64 cookie, __u32 *id)
+static __always_inline int lb_select(struct bpf_sock_addr *ctx, void *svc_map, void *key,
+				     __u16 *slot, const struct lb_service *m, __u64 cookie, __u32 *id)
 {
 	__u32 n = 0;
 
 	if (m->algorithm == LB_ALG_MAGLEV) {
-		if (lb_maglev_pick(m, cookie, id) == 0)
+		if (lb_maglev_pick(m, lb_flow_hash(ctx, cookie), id) == 0)
 			return 0;
 	} else if (m->algorithm == LB_ALG_WEIGHTED) {
 		if (lb_weighted_slot(svc_map, key, slot, m, &n) == 0)
@@ -170,7 +188,7 @@ static __always_inline void lb_affinity_put(struct bpf_sock_addr *ctx,
 				goto found;                                            \
 		}                                                                      \
 	}                                                                              \
-	if (lb_select(&SVC_MAP, &key, &key.backend_slot, &m, cookie, &id))             \
+	if (lb_select(ctx, &SVC_MAP, &key, &key.backend_slot, &m, cookie, &id))             \
 		return LB_REJECT;                                                      \
 	be = bpf_map_lookup_elem(&BE_MAP, &id);                                        \
 	if (!be) {                                                                     \

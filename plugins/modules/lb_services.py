@@ -1,0 +1,282 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: kldload.netstack contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: lb_services
+short_description: Program the socket load balancer's service table (ClusterIP-style services) in its eBPF maps
+version_added: 0.1.0
+description:
+  - Declares the whole table of virtual services (C(VIP:port/protocol) with their backends) answered
+    by the socket-level eBPF load balancer (C(bpf/sock_lb.c), loaded by M(kldload.netstack.bpf_program)
+    or the C(kldload.netstack.dataplane) role). A C(connect()) or C(sendmsg()) to a VIP from any process
+    in the attached cgroup goes straight to a backend; no iptables rule, no conntrack entry.
+  - Reads the pinned maps, computes the entries wanted, and writes only the difference with batched
+    C(bpf()) calls (C(BPF_MAP_UPDATE_BATCH) / C(BPF_MAP_DELETE_BATCH)), in an order that never shows a
+    reader a half-written service - backends, then slots, then the spare Maglev half, then each
+    service's master entry (the commit), then deletions (stale slots, removed services, backends no
+    service uses, session-affinity entries of changed services).
+  - Every service is validated (and the maps' capacity checked) before the first write; bad input
+    fails the task with the offending field named and the maps untouched.
+  - Services in the maps that are not listed are removed (O(prune=true), the default).
+  - Backends that leave every service have their connected UDP sockets destroyed in every network
+    namespace of the node (C(ss -K), the application sees C(ECONNABORTED) and connects again through
+    the VIP), so a connected UDP client does not keep sending to a backend that is gone. Established
+    TCP connections are left to finish, like kube-proxy does.
+options:
+  services:
+    description:
+      - The whole service table.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      name:
+        description: Service name (reported in diffs and C(netstack lb list)).
+        type: str
+        required: true
+      namespace:
+        description: Namespace, for reporting.
+        type: str
+        default: default
+      vip:
+        description: Virtual IP (IPv4 or IPv6).
+        type: str
+        required: true
+      port:
+        description: Virtual port.
+        type: int
+        required: true
+      protocol:
+        description: Protocol.
+        type: str
+        choices: [tcp, udp]
+        default: tcp
+      algorithm:
+        description:
+          - C(random) picks a backend per connection (weighted when the weights differ, e.g. a 90/10 canary).
+          - C(maglev) uses a Maglev table (O(maglev_table_size) entries, built with turns proportional to
+            the weights) - a client's bound source address and port (else its socket) always map to the
+            same backend, and removing a backend moves only the flows that were on it.
+        type: str
+        choices: [random, maglev]
+        default: random
+      affinity_timeout:
+        description: Session affinity per client (network namespace) for this many seconds; 0 disables.
+        type: int
+        default: 0
+      backends:
+        description: Backends. An empty list makes connections to the VIP fail at once (EPERM).
+        type: list
+        elements: dict
+        default: []
+        suboptions:
+          ip:
+            description: Backend address, of the VIP's address family.
+            type: str
+            required: true
+          port:
+            description: Backend port; defaults to the service port.
+            type: int
+          weight:
+            description: Relative weight, > 0. The weights of one service add up to at most 65535.
+            type: int
+            default: 1
+  prune:
+    description: Remove services found in the maps that O(services) does not list.
+    type: bool
+    default: true
+  map_dir:
+    description: Directory of the pinned maps (C(<pin_path>/<name>/maps) of M(kldload.netstack.bpf_program)).
+    type: path
+    default: /sys/fs/bpf/kldload-netstack/sock_lb/maps
+  maglev_table_size:
+    description:
+      - Maglev table size M per service (a prime, at least 10 times the largest Maglev backend count).
+        Fixed while Maglev services exist. C(kln_lb_maglev) must hold C((services + 1) * 2 * M) entries.
+    type: int
+    default: 1021
+  state_file:
+    description:
+      - JSON file where the declared services are kept after a successful write (names for listing,
+        and what C(netstack dataplane restore) programs again after a reboot). Not written in check mode.
+    type: path
+    default: /var/lib/kldload-netstack/lb/services.json
+  destroy_udp_sockets:
+    description: Destroy connected UDP sockets to backends that left every service (see above).
+    type: bool
+    default: true
+requirements:
+  - The socket LB maps pinned (M(kldload.netstack.bpf_program)); root.
+notes:
+  - Supports check mode and diff mode. The diff lists services added, removed and changed, with the
+    backends added or removed and the weights changed.
+seealso:
+  - module: kldload.netstack.bpf_program
+author:
+  - kldload.netstack developers (@kldload)
+"""
+
+EXAMPLES = r"""
+- name: Two services, one with a 90/10 canary split
+  kldload.netstack.lb_services:
+    services:
+      - name: web
+        namespace: production
+        vip: 10.96.0.10
+        port: 80
+        backends:
+          - {ip: 10.244.1.5, port: 8080, weight: 90}
+          - {ip: 10.244.2.7, port: 8080, weight: 10}
+      - name: dns
+        namespace: kube-system
+        vip: 10.96.0.53
+        port: 53
+        protocol: udp
+        algorithm: maglev
+        backends:
+          - {ip: 10.244.1.2}
+          - {ip: 10.244.2.2}
+  diff: true
+"""
+
+RETURN = r"""
+table:
+  description: The service table in the maps after the change, like C(cilium bpf lb list).
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - service: 10.96.0.10:80/TCP
+      name: production/web
+      id: 65535
+      algorithm: random
+      weighted: true
+      affinity_timeout: 0
+      rev: 1
+      backends:
+        - {address: 10.244.1.5:8080, id: 1, slot: 1, weight: 90}
+        - {address: 10.244.2.7:8080, id: 2, slot: 2, weight: 10}
+table_text:
+  description: The same table as text lines (what C(netstack lb list) prints).
+  returned: always
+  type: list
+  elements: str
+added:
+  description: Services added.
+  returned: always
+  type: list
+  elements: dict
+removed:
+  description: Services removed.
+  returned: always
+  type: list
+  elements: dict
+service_changes:
+  description: Services changed, with C(backends_added), C(backends_removed), C(weights_changed) and changed fields.
+  returned: always
+  type: list
+  elements: dict
+stats:
+  description: Entries written and deleted, bpf() calls made and seconds taken.
+  returned: always
+  type: dict
+  sample: {updates: 110010, deletes: 0, calls: 5, seconds: 0.41}
+udp_sockets_destroyed:
+  description: Connected UDP sockets destroyed because their backend left every service.
+  returned: always
+  type: int
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.kldload.netstack.plugins.module_utils import lb
+from ansible_collections.kldload.netstack.plugins.module_utils.bpfsys import BpfError
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            services=dict(type="list", elements="dict", default=[], options=dict(
+                name=dict(type="str", required=True),
+                namespace=dict(type="str", default="default"),
+                vip=dict(type="str", required=True),
+                port=dict(type="int", required=True),
+                protocol=dict(type="str", choices=["tcp", "udp"], default="tcp"),
+                algorithm=dict(type="str", choices=["random", "maglev"], default="random"),
+                affinity_timeout=dict(type="int", default=0),
+                backends=dict(type="list", elements="dict", default=[], options=dict(
+                    ip=dict(type="str", required=True),
+                    port=dict(type="int"),
+                    weight=dict(type="int", default=1),
+                )),
+            )),
+            prune=dict(type="bool", default=True),
+            map_dir=dict(type="path", default="/sys/fs/bpf/kldload-netstack/sock_lb/maps"),
+            maglev_table_size=dict(type="int", default=lb.DEFAULT_MAGLEV_M),
+            state_file=dict(type="path", default="/var/lib/kldload-netstack/lb/services.json"),
+            destroy_udp_sockets=dict(type="bool", default=True),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    services = []
+    for s in p["services"]:
+        s = dict(s)
+        s["backends"] = [dict((k, v) for k, v in b.items() if v is not None) for b in s.get("backends") or []]
+        services.append(s)
+    destroyed = [0]
+
+    def gone(backends):
+        if p["destroy_udp_sockets"]:
+            destroyed[0] = lb.destroy_udp_sockets(backends, lambda argv: module.run_command(argv, check_rc=False))
+
+    try:
+        res = lb.sync(p["map_dir"], services, prune=p["prune"], check=module.check_mode,
+                      maglev_m=p["maglev_table_size"], state_file=p["state_file"], on_backends_gone=gone)
+    except lb.LbError as e:
+        module.fail_json(msg=str(e))
+    except (BpfError, OSError) as e:
+        module.fail_json(msg="writing the maps in %s failed: %s" % (p["map_dir"], e))
+    table = res["table"]
+    if table is None:  # check mode with changes: the table as it is now
+        table = lb.table(p["map_dir"], p["state_file"])
+    out = dict(changed=res["changed"], table=table, table_text=lb.format_table(table).splitlines(),
+               added=res["diff"]["added"], removed=res["diff"]["removed"], service_changes=res["diff"]["changed"],
+               stats=res["stats"], udp_sockets_destroyed=destroyed[0])
+    if module._diff:
+        out["diff"] = dict(before=_diff_text(res["diff"], "before"), after=_diff_text(res["diff"], "after"))
+    module.exit_json(**out)
+
+
+def _diff_text(d, side):
+    lines = []
+    if side == "before":
+        for s in d["removed"]:
+            lines.append("%s %s backends %s" % (s["service"], s["name"], ", ".join(s["backends"]) or "-"))
+        for s in d["changed"]:
+            lines.append("%s %s: %s" % (s["service"], s["name"], "; ".join(
+                "%s %s" % (k, v if not isinstance(v, list) or k.startswith("backends") or k.startswith("weights")
+                           else v[0]) for k, v in sorted(s.items())
+                if k in ("backends_removed", "algorithm", "affinity_timeout", "id"))))
+    else:
+        for s in d["added"]:
+            lines.append("%s %s backends %s" % (s["service"], s["name"], ", ".join(s["backends"]) or "-"))
+        for s in d["changed"]:
+            parts = []
+            for k, v in sorted(s.items()):
+                if k in ("backends_added", "weights_changed"):
+                    parts.append("%s %s" % (k, ", ".join(v)))
+                elif k in ("algorithm", "affinity_timeout", "id"):
+                    parts.append("%s %s" % (k, v[1]))
+            lines.append("%s %s: %s" % (s["service"], s["name"], "; ".join(parts) or "rewritten"))
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+if __name__ == "__main__":
+    main()
