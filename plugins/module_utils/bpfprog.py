@@ -206,9 +206,17 @@ def _map_ok(have, want):
     return have and all(have[k] == want[k] for k in ("type", "key_size", "value_size", "max_entries", "flags"))
 
 
-def plan(current, root, sha, attachments, map_sizes, probed=None, state="present"):
+def version(sha, map_sizes):
+    """Name of the pinned program set: the object's sha256 prefix, plus a hash of the map size
+    overrides when there are any (so adding or dropping an override is never mistaken for "no change")."""
+    if not map_sizes:
+        return sha[:12]
+    return "%s_%s" % (sha[:12], hashlib.sha256(repr(sorted(map_sizes.items())).encode()).hexdigest()[:8])
+
+
+def plan(current, root, sha, attachments, map_sizes, probed=None, state="present", ver=None):
     """Decide what to do. ``probed`` is probe()'s result (needed when anything must be loaded)."""
-    progs_dir = os.path.join(root, PROGS_PREFIX + sha[:12])
+    progs_dir = os.path.join(root, PROGS_PREFIX + (ver or sha[:12]))
     acts = {"create_maps": [], "recreate_maps": [], "load": False, "link_create": [], "link_update": [],
             "link_remove": [], "unpin_progs": [], "unpin_maps": [], "remove_root": False, "progs_dir": progs_dir}
     if state == "absent":
@@ -473,7 +481,8 @@ def ensure(root, obj, attach, map_sizes=None, state="present", check=False, run=
         raise ProgError("object: %s is not a file" % obj)
     sha = file_sha256(obj)
     attachments = resolve_attachments(attach, root)
-    acts = plan(current, root, sha, attachments, map_sizes)
+    ver = version(sha, map_sizes)
+    acts = plan(current, root, sha, attachments, map_sizes, ver=ver)
     if acts is not None and map_sizes:
         if any(current["maps"].get(k) is None or current["maps"][k]["max_entries"] != v for k, v in map_sizes.items()):
             acts = None
@@ -481,17 +490,17 @@ def ensure(root, obj, attach, map_sizes=None, state="present", check=False, run=
                                 for a in attachments):
         acts = None
     if acts is None:
-        acts = plan(current, root, sha, attachments, map_sizes, probed=probe(obj, run, bpftool))
+        acts = plan(current, root, sha, attachments, map_sizes, probed=probe(obj, run, bpftool), ver=ver)
     changed = has_changes(acts)
     if changed and not check:
         apply(root, obj, acts, run, bpftool)
     after_state = inspect(root) if changed and not check else current
-    after = summary(after_state, root) if not check else _predict(before, acts, sha, map_sizes)
+    after = summary(after_state, root) if not check else _predict(before, acts, ver, map_sizes)
     return {"changed": changed, "before": before, "after": after, "actions": _acts_text(acts), "sha256": sha,
             "report": report(root) if os.path.isdir(root) else {"programs": {}, "maps": {}, "attachments": []}}
 
 
-def _predict(before, acts, sha, map_sizes):
+def _predict(before, acts, ver, map_sizes):
     maps = dict(before["maps"])
     for name, spec in acts["create_maps"]:
         maps[name] = spec["max_entries"]
@@ -502,7 +511,7 @@ def _predict(before, acts, sha, map_sizes):
     atts = set(before["attachments"])
     atts -= set(os.path.basename(p) for p in acts["link_remove"])
     atts |= set(os.path.basename(a["pin"]) for a in acts["link_create"])
-    return {"object_sha256_12": sha[:12], "maps": maps, "attachments": sorted(atts)}
+    return {"object_sha256_12": ver, "maps": maps, "attachments": sorted(atts)}
 
 
 def _acts_text(acts):

@@ -22,6 +22,7 @@ import time
 import uuid
 
 from ansible.module_utils.basic import missing_required_lib
+from ansible_collections.kldload.netstack.plugins.module_utils.kernel import cgroup2_path, read_mounts
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool
 
 try:
@@ -221,6 +222,11 @@ class Node:
         self.root = os.path.join(self.dir, "root")
         self.pidfile = os.path.join(self.dir, "nspawn.pid")
         self.bootlog = os.path.join(self.dir, "boot.log")
+        # Each node in its own cgroup v2 directory: nspawn makes it the root of the node's cgroup
+        # namespace, so programs a node attaches at its cgroup root act on that node only (nodes
+        # started from one cgroup would share nspawn's "payload" cgroup).
+        cg2 = cgroup2_path(read_mounts())
+        self.cgroup = os.path.join(cg2, "kldload-netstack-lab-%s" % self.name) if cg2 else None
         self.mgmt_outer = _ifname("km", self.name)
         self.lan_outer = _ifname("kl", self.name)
 
@@ -302,9 +308,14 @@ class Node:
                 "-D", self.root]
         log = os.open(self.bootlog, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         devnull = os.open(os.devnull, os.O_RDONLY)
+        if self.cgroup and not os.path.isdir(self.cgroup):
+            os.mkdir(self.cgroup)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
             try:
+                if self.cgroup:
+                    with open(os.path.join(self.cgroup, "cgroup.procs"), "w") as f:
+                        f.write("0")
                 os.setsid()
                 os.dup2(devnull, 0)
                 os.dup2(log, 1)
@@ -380,6 +391,24 @@ class Node:
             os.unlink(self.pidfile)
         except OSError:
             pass
+        self._remove_cgroup()
+
+    def _remove_cgroup(self):
+        # nspawn leaves its "payload" (and the node's own) cgroups; remove the empty tree, leaves first
+        if not self.cgroup or not os.path.isdir(self.cgroup):
+            return
+        for _try in range(50):
+            for top, dirs, _files in os.walk(self.cgroup, topdown=False):
+                for d in dirs:
+                    try:
+                        os.rmdir(os.path.join(top, d))
+                    except OSError:
+                        pass
+            try:
+                os.rmdir(self.cgroup)
+                return
+            except OSError:
+                time.sleep(0.1)
 
     @staticmethod
     def _alive(pid):
@@ -395,6 +424,7 @@ class Node:
 
     def remove(self):
         self.stop()
+        self._remove_cgroup()
         if is_mountpoint(self.root):
             self.lab._do("unmount %s" % self.root, self.lab.umount.run, self.root)
         self.lab.delete_netns(self.netns)

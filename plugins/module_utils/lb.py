@@ -26,6 +26,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import struct
 import time
 
@@ -74,7 +75,7 @@ class LbError(ValueError):
 
 def _int(value, where, lo, hi):
     if isinstance(value, bool) or not isinstance(value, (int, str)) \
-            or (isinstance(value, str) and not value.strip().lstrip("-").isdigit()):
+            or (isinstance(value, str) and not re.match(r"^\s*-?[0-9]+\s*$", value)):
         raise LbError("%s: must be an integer, got %r" % (where, value))
     n = int(value)
     if not lo <= n <= hi:
@@ -341,7 +342,7 @@ def _shape(svc):
 
 
 def _svc_diff(old, new):
-    ob = dict(((b["ip"], b["port"]), b["weight"]) for b in old["backends"])
+    ob = dict(((b["ip"], b["port"]), b["weight"]) for b in old["backends"] if b["ip"] is not None)
     nb = dict(((b["ip"], b["port"]), b["weight"]) for b in new["backends"])
     out = {}
     added = [addr_port(ip, p) for (ip, p) in nb if (ip, p) not in ob]
@@ -354,6 +355,9 @@ def _svc_diff(old, new):
         out["backends_removed"] = removed
     if weights:
         out["weights_changed"] = weights
+    dangling = [b["id"] for b in old["backends"] if b["ip"] is None]
+    if dangling:
+        out["missing_backend_ids"] = dangling
     for f in ("algorithm", "affinity_timeout"):
         if old[f] != new[f]:
             out[f] = [old[f], new[f]]
@@ -428,6 +432,7 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
     for fam in (4, 6):
         cap = maps.info["kln_lb%d_backend" % fam]["max_entries"]
         n = len([1 for bk in needed if bk[0] == fam])
+        n += len([1 for bk in cur_backends if bk[0] == fam and bk not in needed])   # deleted only after the writes
         if n > cap:
             raise LbError("services: %d distinct IPv%d backends but kln_lb%d_backend holds %d (raise the map size)"
                           % (n, fam, fam, cap))
@@ -439,17 +444,19 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
         if cur and cur["id"] and (s["algorithm"] != "maglev" or cur["id"] < maglev_cap) and cur["id"] not in used_sids:
             plan_sid[key] = cur["id"]
             used_sids.add(cur["id"])
+    # ids that current masters still carry until this sync's deletes: not for a new service in this sync
+    retiring = set(s["id"] for s in current.values()) - used_sids
     lo, hi = 1, MAX_SERVICE_ID
     for key in sorted(k for k in want if k not in plan_sid):
         if want[key]["algorithm"] == "maglev":   # Maglev ids from the bottom (table space), others from the top
-            while lo in used_sids:
+            while lo in used_sids or lo in retiring:
                 lo += 1
             if lo >= maglev_cap:
                 raise LbError("services: more Maglev services than kln_lb_maglev holds (%d with table size %d; raise "
                               "the map size to (services+1)*2*%d)" % (maglev_cap - 1, maglev_m, maglev_m))
             sid = lo
         else:
-            while hi in used_sids:
+            while hi in used_sids or hi in retiring:
                 hi -= 1
             sid = hi
         if sid < 1 or sid > MAX_SERVICE_ID or (want[key]["algorithm"] != "maglev" and sid <= 0):
@@ -463,6 +470,8 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
         n = sum(1 + len(s["backends"]) for k, s in list(want.items()) + list(keep.items()) if _fam(k[0]) == fam)
         n += sum(len(current[k]["backends"]) - len(want[k]["backends"]) for k in want
                  if k in current and _fam(k[0]) == fam and len(current[k]["backends"]) > len(want[k]["backends"]))
+        n += sum(1 + len(s["backends"]) + len(s["stale_slots"]) for k, s in current.items()
+                 if k not in want and k not in keep and _fam(k[0]) == fam)      # removed only after the writes
         if n > cap:
             raise LbError("services: the IPv%d services need %d entries in kln_lb%d_svc (a master + one per backend, "
                           "plus old slots during the change) but it holds %d (raise the map size)" % (fam, n, fam, cap))
@@ -494,6 +503,8 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
     changed_flag = bool(added or removed or changed or set_m or gone_backends)
     diff = {"added": added, "removed": removed, "changed": changed}
     stats = {"updates": 0, "deletes": 0, "calls": 0}
+    if state_file and not check and not changed_flag:
+        _write_state(state_file, list(want.values()) + [prev_state[k] for k in keep if k in prev_state], only_if_changed=True)
     if check or not changed_flag:
         stats["seconds"] = round(time.time() - t0, 4)
         names.update(_names(want))
@@ -593,7 +604,14 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
             "services": len(after)}
 
 
-def _write_state(path, services):
+def _write_state(path, services, only_if_changed=False):
+    if only_if_changed:
+        try:
+            with open(path) as f:
+                if json.load(f) == {"services": services}:
+                    return
+        except (OSError, ValueError):
+            pass
     d = os.path.dirname(path)
     if d and not os.path.isdir(d):
         os.makedirs(d, 0o755)

@@ -251,10 +251,11 @@ def test_ensure_rejects_bad_input(fake_node):
         bpfprog.ensure(NOROOT, "/nonexistent_obj", [], {})
 
 
-@pytest.mark.xfail(strict=True, reason="bug: ensure()'s no-probe fast path only compares the sizes listed in map_sizes; "
-                                       "a map whose override was removed keeps the old size instead of the object's")
 def test_ensure_dropping_an_override_restores_the_objects_size(fake_node):
-    fake_node["current"] = installed(svc_size=8192)       # pinned with maps: {kln_lb4_svc: 8192} earlier
+    cur = installed(svc_size=8192)                        # pinned with maps: {kln_lb4_svc: 8192} earlier
+    progs = cur["progs"].pop("progs_" + SHA_NEW[:12])
+    cur["progs"]["progs_" + bpfprog.version(SHA_NEW, {"kln_lb4_svc": 8192})] = progs
+    fake_node["current"] = cur
     res = bpfprog.ensure(NOROOT, fake_node["obj"], [], {})
     assert "recreate map kln_lb4_svc: 8192 -> 1024 entries (contents are lost)" in res["actions"]
 

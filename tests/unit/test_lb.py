@@ -234,9 +234,6 @@ def test_normalize_maglev_size_depends_on_table_size():
     assert lb.normalize(_one(backends=[{"ip": "10.0.%d.%d" % (i // 200, i % 200 + 1)} for i in range(500)]))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="bug: _int() accepts '--5' / '\u00b2' through str.isdigit(), then int() raises a plain "
-                          "ValueError that the module does not catch")
 @pytest.mark.parametrize("value", ["--5", "\u00b2"])
 def test_normalize_odd_integer_strings_give_lb_error(value):
     with pytest.raises(lb.LbError, match=r"\.port: must be"):
@@ -781,9 +778,6 @@ def test_format_table_details():
 
 # ---- known bugs (strict xfail: they turn into failures once fixed, then drop the marker) ---------------
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: a new Maglev service can take the id of a service removed in the same sync and "
-                          "overwrite that service's live table half before its master is deleted")
 def test_new_maglev_service_does_not_overwrite_a_removed_services_live_half(world):
     sync(world, [S4("old", "10.96.0.1", 80, ["10.0.0.1"], algorithm="maglev")])
     world.reset_log()
@@ -791,9 +785,6 @@ def test_new_maglev_service_does_not_overwrite_a_removed_services_live_half(worl
     assert world.violations == []
 
 
-@pytest.mark.xfail(strict=True, raises=OSError,
-                   reason="bug: the kln_lb4_svc capacity check does not count the entries of services removed in the "
-                          "same sync, which are deleted only after the writes: E2BIG half way through")
 def test_capacity_counts_entries_removed_only_after_the_writes(world):
     world.info["kln_lb4_svc"]["max_entries"] = 5
     sync(world, [S4("old", "10.96.0.1", 80, ["10.0.0.1"])])           # 2 entries
@@ -804,8 +795,6 @@ def test_capacity_counts_entries_removed_only_after_the_writes(world):
         assert world.ops == []
 
 
-@pytest.mark.xfail(strict=True, raises=OSError,
-                   reason="bug: the kln_lb4_backend capacity check does not count backends deleted only after the writes")
 def test_backend_capacity_counts_backends_deleted_after_the_writes(world):
     world.info["kln_lb4_backend"]["max_entries"] = 2
     sync(world, [S4("a", "10.96.0.1", 80, ["10.0.0.1", "10.0.0.2"])])
@@ -816,9 +805,6 @@ def test_backend_capacity_counts_backends_deleted_after_the_writes(world):
         assert world.ops == []
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="bug: _svc_diff() formats slots whose backend id is not in the backend map (ip None), "
-                          "e.g. after bpf_program recreated kln_lb4_backend with a new size: ValueError")
 def test_sync_repairs_slots_pointing_at_missing_backends(world):
     sync(world, [S4("a", "10.96.0.1", 80, ["10.0.0.1", "10.0.0.2"])])
     world.store["kln_lb4_backend"].clear()        # the map was recreated (new size): contents lost
@@ -827,8 +813,6 @@ def test_sync_repairs_slots_pointing_at_missing_backends(world):
     assert slot_backends(world, "10.96.0.1", 80) == [("10.0.0.1", 80, 1), ("10.0.0.2", 80, 2)]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the state file (read by 'netstack dataplane restore' at boot) is only "
-                                       "written when the maps change; a lost or outdated file stays so")
 def test_state_file_written_when_maps_already_match(world, tmp_path):
     state = str(tmp_path / "services.json")
     sync(world, BASE, state_file=state)

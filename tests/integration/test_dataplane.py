@@ -1,0 +1,245 @@
+"""The socket load balancer on real lab nodes: bpf_program and lb_services, each run four times
+(check, apply, apply again, check again), real clients in a cgroup, bad input, a failing object,
+an upgrade without a gap, removal, and a node reboot.
+
+A second instance (``sock_lb_test``) is loaded and attached to a private cgroup of a node, so the
+node's own dataplane (installed by install.yml) is not disturbed; the reboot test uses that one.
+"""
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_playbook
+
+OBJ = "/usr/lib/kldload-netstack/bpf/sock_lb.o"
+NAME = "sock_lb_test"
+PIN = "/sys/fs/bpf/kldload-netstack"
+MAPDIR = "%s/%s/maps" % (PIN, NAME)
+CG_NAME = "netstack-test-lb"
+STATE = "/run/netstack-test-lb/services.json"
+PORT = 18081
+VIP = "10.96.254.1"
+
+
+def _scp(lab, host, src, dst):
+    addr = lab.hostvars[host]["ansible_host"]
+    subprocess.run(["scp", "-q", "-i", lab.key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                    "-o", "LogLevel=ERROR", str(src), "root@%s:%s" % (addr, dst)], check=True)
+
+
+@pytest.fixture(scope="module")
+def node(lab):
+    """A worker with install.yml applied, a private cgroup and a test server on PORT."""
+    run_playbook("playbooks/install.yml")
+    host = lab.hosts("kube_workers")[0]
+    cg = lab.sh(host, "findmnt -n -o TARGET -t cgroup2 | head -1").stdout.strip() + "/" + CG_NAME
+    lab.sh(host, "mkdir -p %s" % cg)
+    for h in lab.hosts("kube_nodes"):  # the test servers: backends on every node
+        lab.sh(h, "systemctl stop netstack-test-echo 2>/dev/null; systemd-run --unit netstack-test-echo --collect "
+                  "-p RuntimeMaxSec=900 /usr/local/sbin/netstack echo --tcp %d --udp %d --seconds 850" % (PORT, PORT))
+    yield host, cg
+    lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "state": "absent"})
+    lab.sh(host, "rmdir %s; rm -rf /run/netstack-test-lb" % cg, check=False)
+    for h in lab.hosts("kube_nodes"):
+        lab.sh(h, "systemctl stop netstack-test-echo", check=False)
+
+
+def _attach(cg, v6=False):
+    hooks = [("kln_connect4", "connect4"), ("kln_sendmsg4", "sendmsg4"), ("kln_recvmsg4", "recvmsg4"),
+             ("kln_getpeer4", "getpeername4")]
+    if v6:
+        hooks += [("kln_connect6", "connect6")]
+    return [{"program": p, "type": t, "cgroup": cg} for p, t in hooks]
+
+
+def _prog_args(cg, obj=OBJ, **extra):
+    args = {"name": NAME, "object": obj, "attach": _attach(cg), "maps": {"kln_lb4_svc": 64, "kln_lb4_backend": 16}}
+    args.update(extra)
+    return args
+
+
+def _probe(lab, host, cg, vip, port, proto="tcp", count=10, source_port=0):
+    """netstack probe run inside the test cgroup; returns its JSON."""
+    cmd = ("sh -c 'echo $$ > %s/cgroup.procs && exec /usr/local/sbin/netstack probe --vip %s --port %d --proto %s "
+           "--count %d --timeout 1 --source-port %d'" % (cg, vip, port, proto, count, source_port))
+    return json.loads(lab.sh(host, cmd).stdout)
+
+
+def _services(host_ips, weights=None, port=PORT):
+    weights = weights or [1] * len(host_ips)
+    return [{"name": "web", "namespace": "test", "vip": VIP, "port": 80,
+             "backends": [{"ip": ip, "port": port, "weight": w} for ip, w in zip(host_ips, weights)]},
+            {"name": "dns", "namespace": "test", "vip": VIP, "port": 53, "protocol": "udp", "algorithm": "maglev",
+             "backends": [{"ip": ip, "port": port} for ip in host_ips]},
+            {"name": "empty", "namespace": "test", "vip": "10.96.254.2", "port": 80}]
+
+
+def _lb_args(services, **extra):
+    args = {"services": services, "map_dir": MAPDIR, "state_file": STATE}
+    args.update(extra)
+    return args
+
+
+def _ips(lab):
+    return [lab.hostvars[h]["netstack_underlay_ip"] for h in lab.hosts("kube_nodes")]
+
+
+def test_bpf_program_four_times(lab, node):
+    host, cg = node
+    lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "state": "absent"})
+    first, applied, again, recheck = lab.four_times(host, "kldload.netstack.bpf_program", _prog_args(cg))
+    assert first["changed"] and any(a.startswith("load programs") for a in first["actions"])
+    assert "create map kln_lb4_svc (64 entries)" in first["actions"]
+    assert sorted(a["program"] for a in applied["attachments"]) == ["kln_connect4", "kln_getpeer4", "kln_recvmsg4",
+                                                                     "kln_sendmsg4"]
+    assert applied["maps"]["kln_lb4_svc"]["max_entries"] == 64
+    assert again["actions"] == [] and again["diff"]["before"] == again["diff"]["after"]
+    shown = lab.sh(host, "bpftool -j cgroup show %s" % cg).stdout
+    assert sorted(p["name"] for p in json.loads(shown)) == ["kln_connect4", "kln_getpeer4", "kln_recvmsg4",
+                                                             "kln_sendmsg4"]
+
+
+def test_lb_services_four_times_and_traffic(lab, node):
+    host, cg = node
+    ips = _ips(lab)
+    lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg))
+    lab.module(host, "kldload.netstack.lb_services", _lb_args([]))
+    first, applied, again, recheck = lab.four_times(host, "kldload.netstack.lb_services", _lb_args(_services(ips)))
+    assert [s["service"] for s in first["added"]] == ["%s:53/UDP" % VIP, "%s:80/TCP" % VIP, "10.96.254.2:80/TCP"]
+    assert "%s:80/TCP test/web backends" % VIP in first["diff"]["after"]
+    assert [r["service"] for r in applied["table"]] == ["%s:53/UDP" % VIP, "%s:80/TCP" % VIP, "10.96.254.2:80/TCP"]
+    assert again["stats"]["updates"] == 0 and recheck["added"] == []
+    # real clients in the cgroup: every backend reached, the server sees the node's own address
+    tcp = _probe(lab, host, cg, VIP, 80, count=30)
+    assert tcp["errors"] == {} and len(tcp["backends"]) == len(ips) and tcp["peers"] == ["%s:80" % VIP]
+    assert tcp["clients"] == [lab.hostvars[host]["netstack_underlay_ip"]]
+    udp = _probe(lab, host, cg, VIP, 53, proto="udp", count=20)
+    assert udp["errors"] == {} and udp["peers"] == ["%s:53" % VIP]
+    # a service without backends refuses at once
+    empty = _probe(lab, host, cg, "10.96.254.2", 80, count=3)
+    assert empty["errors"] == {"Operation not permitted": 3} and empty["seconds"] < 1
+    # outside the cgroup nothing is translated (no route to the VIP: fails fast, differently)
+    out = json.loads(lab.sh(host, "/usr/local/sbin/netstack probe --vip %s --port 80 --timeout 1" % VIP).stdout)
+    assert out["backends"] == {} and out["errors"]
+
+
+def test_change_one_backend_and_maglev_stability(lab, node):
+    host, cg = node
+    ips = _ips(lab)
+    lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg))
+    lab.module(host, "kldload.netstack.lb_services", _lb_args(_services(ips)))
+    one = _probe(lab, host, cg, VIP, 53, proto="udp", count=40, source_port=32000)
+    two = _probe(lab, host, cg, VIP, 53, proto="udp", count=40, source_port=32000)
+    assert one["errors"] == {} and one["flows"] == two["flows"]
+    services = _services(ips)
+    services[1]["backends"] = services[1]["backends"][:-1]      # Maglev: drop the last backend
+    services[0]["backends"][0]["weight"] = 3                     # web: change one weight
+    res = lab.module(host, "kldload.netstack.lb_services", _lb_args(services), diff=True)
+    changes = {c["service"]: c for c in res["service_changes"]}
+    assert changes["%s:53/UDP" % VIP]["backends_removed"] == ["%s:%d" % (ips[-1], PORT)]
+    assert changes["%s:80/TCP" % VIP]["weights_changed"] == ["%s:%d 1->3" % (ips[0], PORT)]
+    after = _probe(lab, host, cg, VIP, 53, proto="udp", count=40, source_port=32000)
+    removed = "%s:%d" % (ips[-1], PORT)
+    moved = [k for k, v in one["flows"].items() if after["flows"].get(k) != v]
+    assert moved and all(one["flows"][k] == removed for k in moved), (one["flows"], after["flows"])
+    assert removed not in after["flows"].values()
+
+
+@pytest.mark.parametrize("services, words", [
+    ([{"name": "a", "vip": "10.96.254.9", "port": 80}, {"name": "b", "vip": "10.96.254.9", "port": 80}],
+     ["services[4] (b): duplicate service 10.96.254.9:80/TCP", "services[3] (a) already declares it"]),
+    ([{"name": "a", "vip": "10.96.254.300", "port": 80}], ["services[3] (a).vip", "not an IPv4 or IPv6 address"]),
+    ([{"name": "a", "vip": "10.96.254.9", "port": 80, "backends": [{"ip": "10.1.1.1", "weight": 0}]}],
+     ["backends[0].weight", "must be > 0"]),
+    ([{"name": "a", "vip": "fd00::9", "port": 80, "backends": [{"ip": "10.1.1.1"}]}],
+     ["backends[0].ip", "is IPv4 but the service's vip fd00::9 is IPv6"]),
+    ([{"name": "s%d" % i, "vip": "10.96.253.%d" % i, "port": 80,
+       "backends": [{"ip": "10.1.1.%d" % j} for j in range(1, 8)]} for i in range(1, 10)],
+     ["kln_lb4_svc", "holds 64", "raise the map size"]),
+    ([{"name": "a", "vip": "10.96.254.9", "port": 70000}], ["services", "port"]),
+])
+def test_bad_input_leaves_the_maps_untouched(lab, node, services, words):
+    host, cg = node
+    ips = _ips(lab)
+    lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg))
+    good = _services(ips)
+    lab.module(host, "kldload.netstack.lb_services", _lb_args(good))
+    res = lab.module(host, "kldload.netstack.lb_services", _lb_args(good + services), expect_fail=True)
+    for w in words:
+        assert w in res["msg"], res["msg"]
+    assert lab.module(host, "kldload.netstack.lb_services", _lb_args(good), check=True)["changed"] is False
+
+
+def test_object_that_fails_verification(lab, node):
+    host, cg = node
+    lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg))
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "bad.c"
+        src.write_text('#include <linux/bpf.h>\n#include <bpf/bpf_helpers.h>\n'
+                       'SEC("cgroup/connect4") int kln_connect4(struct bpf_sock_addr *ctx)\n'
+                       '{ int *p = (int *)(long)ctx->user_ip4; return *p; }\n'
+                       'char LICENSE[] SEC("license") = "GPL";\n')
+        obj = Path(tmp) / "bad.o"
+        multiarch = subprocess.run(["clang", "-print-multiarch"], capture_output=True, text=True).stdout.strip()
+        subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-I/usr/include/%s" % (multiarch or "x86_64-linux-gnu"),
+                        "-c", str(src), "-o", str(obj)], check=True)
+        _scp(lab, host, obj, "/run/netstack-test-bad.o")
+    before = lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg), check=True)
+    res = lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg, obj="/run/netstack-test-bad.o"),
+                     expect_fail=True)
+    assert "does not load (verifier or libbpf error)" in res["msg"]
+    assert "invalid mem access" in res["verifier_log"] or "R1 invalid" in res["verifier_log"], res["verifier_log"][-2000:]
+    after = lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg), check=True)
+    assert before["changed"] is False and after["changed"] is False
+    assert after["attachments"] == before["attachments"]
+
+
+def test_upgrade_swaps_programs_without_detaching(lab, node):
+    host, cg = node
+    ips = _ips(lab)
+    lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg))
+    lab.module(host, "kldload.netstack.lb_services", _lb_args(_services(ips)))
+    before = lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg), check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["make", "-s", "-C", str(REPO / "bpf"), "BUILD=%s" % tmp, "EXTRA_CFLAGS=-DLB4_REVNAT_MAP_SIZE=262143"],
+                       check=True)
+        _scp(lab, host, Path(tmp) / "sock_lb.o", "/run/netstack-test-v2.o")
+    res = lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg, obj="/run/netstack-test-v2.o"), diff=True)
+    assert res["changed"] and not any(a.startswith("detach") or a.startswith("attach ") for a in res["actions"])
+    assert "recreate map kln_lb4_revnat: 262144 -> 262143 entries (contents are lost)" in res["actions"]
+    assert sum(a.startswith("replace program of") for a in res["actions"]) == 4
+    old = dict((a["program"], a) for a in before["attachments"])
+    for a in res["attachments"]:
+        assert a["link_id"] == old[a["program"]]["link_id"]          # same links ...
+        assert a["prog_id"] != old[a["program"]]["prog_id"]          # ... running new programs
+    # the service table survived the upgrade and still answers
+    assert lab.module(host, "kldload.netstack.lb_services", _lb_args(_services(ips)), check=True)["changed"] is False
+    assert _probe(lab, host, cg, VIP, 80, count=5)["errors"] == {}
+
+
+def test_absent_leaves_nothing(lab, node):
+    host, cg = node
+    lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg))
+    res = lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "state": "absent"}, diff=True)
+    assert res["changed"] and res["attachments"] == []
+    assert lab.sh(host, "test -e %s/%s" % (PIN, NAME), check=False).returncode != 0
+    assert json.loads(lab.sh(host, "bpftool -j cgroup show %s" % cg).stdout.strip() or "[]") == []
+    assert lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "state": "absent"})["changed"] is False
+
+
+def test_node_dataplane_survives_a_reboot(lab, node):
+    host, _cg = node
+    listed = lab.sh(host, "netstack lb list").stdout
+    assert "10.96.0.10:80/TCP" in listed
+    lab.restart(host)
+    assert lab.sh(host, "systemctl is-active netstack-dataplane.service").stdout.strip() == "active"
+    assert lab.sh(host, "netstack lb list").stdout == listed
+    status = json.loads(lab.sh(host, "netstack dataplane status --json").stdout)
+    assert len(status["attachments"]) == 8
+    cgroot = lab.sh(host, "findmnt -n -o TARGET -t cgroup2 | head -1").stdout.strip()
+    names = sorted(p["name"] for p in json.loads(lab.sh(host, "bpftool -j cgroup show %s" % cgroot).stdout))
+    assert names == sorted(["kln_connect4", "kln_connect6", "kln_getpeer4", "kln_getpeer6", "kln_recvmsg4",
+                            "kln_recvmsg6", "kln_sendmsg4", "kln_sendmsg6"])
