@@ -19,7 +19,6 @@ Write order per service (see bpf/README.md): backends (all first), slots
 1..count, Maglev half (rev & 1), master slot 0 LAST, then deletion of slots
 count+1..prev_count.
 """
-import hashlib
 import ipaddress
 import json
 import os
@@ -34,19 +33,10 @@ ALG = {"random": 0, "maglev": 1, "weighted": 2}
 SVC_F_AFFINITY = 0x01
 PROTO = {"tcp": 6, "udp": 17}
 
-# name: (map type, key struct, value struct, default max_entries, map_flags)
-# Must match bpf/lib/lb_maps.h; selftest.sh checks it against the object.
-MAPS = {
-    "kln_lb4_svc": ("hash", "lb4_key", "lb_service", 65536, 1),
-    "kln_lb6_svc": ("hash", "lb6_key", "lb_service", 65536, 1),
-    "kln_lb4_backend": ("hash", "lb_backend_key", "lb4_backend", 65536, 1),
-    "kln_lb6_backend": ("hash", "lb_backend_key", "lb6_backend", 65536, 1),
-    "kln_lb4_revnat": ("lru_hash", "lb4_revnat_key", "lb4_revnat", 262144, 0),
-    "kln_lb6_revnat": ("lru_hash", "lb6_revnat_key", "lb6_revnat", 262144, 0),
-    "kln_lb_maglev": ("array", "lb_maglev_key", "lb_maglev_val", 256 * 2 * 1021, 0),
-    "kln_lb_affinity": ("lru_hash", "lb_affinity_key", "lb_affinity", 65536, 0),
-    "kln_lb_config": ("array", "lb_config_key", "lb_config", 1, 0),
-}
+# The map specs and the Maglev table come from the collection's own library (the module side), so
+# the selftest exercises the code the modules run. .collections/ is made by scripts/setup.sh.
+sys.path.insert(0, os.path.join(HERE, "..", "..", ".collections"))
+from ansible_collections.kldload.netstack.plugins.module_utils.lb import MAPS, maglev_table as _maglev  # noqa: E402
 
 
 def load_layout(path=HEADER):
@@ -82,33 +72,7 @@ def addr_port(s):
 
 
 def maglev_table(ids, weights, m):
-    """Maglev lookup table (Eisenbud et al. 2016) of size m (prime).
-
-    Permutation per backend from sha256 of its id, so every node computes the
-    same table; a backend gets `weight` turns per round (0 = never).
-    """
-    def h(tag, bid):
-        return int.from_bytes(hashlib.sha256(f"{tag}:{bid}".encode()).digest()[:8], "little")
-
-    offset = [h("offset", b) % m for b in ids]
-    skip = [h("skip", b) % (m - 1) + 1 for b in ids]
-    nxt = [0] * len(ids)
-    table = [0] * m
-    filled = 0
-    if not any(weights):
-        return table
-    while True:
-        for i, bid in enumerate(ids):
-            for _turn in range(weights[i]):
-                c = (offset[i] + nxt[i] * skip[i]) % m
-                while table[c]:
-                    nxt[i] += 1
-                    c = (offset[i] + nxt[i] * skip[i]) % m
-                table[c] = bid
-                nxt[i] += 1
-                filled += 1
-                if filled == m:
-                    return table
+    return _maglev([(str(b), b, w) for b, w in zip(ids, weights)], m)
 
 
 def svc_key(fam, vip, port, slot, proto):

@@ -93,13 +93,12 @@ def test_bpf_program_four_times(lab, node):
     first, applied, again, recheck = lab.four_times(host, "kldload.netstack.bpf_program", _prog_args(cg))
     assert first["changed"] and any(a.startswith("load programs") for a in first["actions"])
     assert "create map kln_lb4_svc (64 entries)" in first["actions"]
-    assert sorted(a["program"] for a in applied["attachments"]) == ["kln_connect4", "kln_getpeer4", "kln_recvmsg4",
-                                                                     "kln_sendmsg4"]
+    hooks = ["kln_connect4", "kln_getpeer4", "kln_recvmsg4", "kln_sendmsg4"]
+    assert sorted(a["program"] for a in applied["attachments"]) == hooks
     assert applied["maps"]["kln_lb4_svc"]["max_entries"] == 64
     assert again["actions"] == [] and again["diff"]["before"] == again["diff"]["after"]
     shown = lab.sh(host, "bpftool -j cgroup show %s" % cg).stdout
-    assert sorted(p["name"] for p in json.loads(shown)) == ["kln_connect4", "kln_getpeer4", "kln_recvmsg4",
-                                                             "kln_sendmsg4"]
+    assert sorted(p["name"] for p in json.loads(shown)) == hooks
 
 
 def test_lb_services_four_times_and_traffic(lab, node):
@@ -183,7 +182,7 @@ def test_object_that_fails_verification(lab, node):
                        '{ int *p = (int *)(long)ctx->user_ip4; return *p; }\n'
                        'char LICENSE[] SEC("license") = "GPL";\n')
         obj = Path(tmp) / "bad.o"
-        multiarch = subprocess.run(["clang", "-print-multiarch"], capture_output=True, text=True).stdout.strip()
+        multiarch = subprocess.run(["clang", "-print-multiarch"], capture_output=True, text=True, check=False).stdout.strip()
         subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-I/usr/include/%s" % (multiarch or "x86_64-linux-gnu"),
                         "-c", str(src), "-o", str(obj)], check=True)
         _scp(lab, host, obj, "/run/netstack-test-bad.o")

@@ -64,7 +64,15 @@ def test_verify_fails_when_something_is_off(lab):
 
 def test_uninstall_removes_what_install_made(lab):
     host = lab.hosts("kube_control_plane")[0]
+    cg = lab.sh(host, "findmnt -n -o TARGET -t cgroup2 | head -1").stdout.strip()
+    assert "kln_connect4" in lab.sh(host, "bpftool cgroup show %s" % cg).stdout
     run_playbook("playbooks/uninstall.yml", "--limit", host)
     assert lab.sh(host, "test -e /etc/sysctl.d/90-kldload-netstack.conf", check=False).returncode != 0
+    # the socket load balancer: no pinned object, no attachment, no unit, no command, no route left
+    assert lab.sh(host, "test -e /sys/fs/bpf/kldload-netstack", check=False).returncode != 0
+    assert "kln_" not in lab.sh(host, "bpftool cgroup show %s" % cg, check=False).stdout
+    assert lab.sh(host, "test -e /usr/local/sbin/netstack -o -e /etc/systemd/system/netstack-dataplane.service",
+                  check=False).returncode != 0
+    assert "10.244." not in lab.sh(host, "ip route").stdout
     run_playbook("playbooks/install.yml", "--limit", host)
     assert lab.sh(host, "test -e /etc/sysctl.d/90-kldload-netstack.conf", check=False).returncode == 0

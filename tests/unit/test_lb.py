@@ -562,7 +562,7 @@ def test_prune_false_keeps_unlisted_services(world):
     res = sync(world, BASE[:1])
     assert sorted(r["service"] for r in res["diff"]["removed"]) == [
         "10.96.0.11:443/TCP", "10.96.0.12:80/TCP", "10.96.0.20:80/TCP", "[fd00::53]:53/UDP"]
-    assert [k for k in world.store["kln_lb4_svc"]] and len(world.store["kln_lb4_svc"]) == 4
+    assert list(world.store["kln_lb4_svc"]) and len(world.store["kln_lb4_svc"]) == 4
     assert world.store["kln_lb6_svc"] == {} and world.store["kln_lb6_backend"] == {}
     assert len(world.store["kln_lb4_backend"]) == 3
 

@@ -39,6 +39,21 @@ def test_no_kube_proxy_rules_in_any_backend(host, groups):
     assert "kube-proxy" not in host.check_output("nft list tables")
 
 
+def test_socket_lb_attached_and_services_programmed(host, groups):
+    if "kube_nodes" not in groups:
+        pytest.skip("not a kube node")
+    assert host.service("netstack-dataplane").is_enabled
+    listed = host.check_output("netstack lb list")
+    for svc in host.ansible.get_variables().get("netstack_services", []):
+        assert "%s:%s/%s" % (svc["vip"], svc["port"], svc.get("protocol", "tcp").upper()) in listed
+    cg = host.check_output("findmnt -n -o TARGET -t cgroup2 | head -1")
+    attached = host.check_output("bpftool cgroup show %s" % cg)
+    for prog in ("kln_connect4", "kln_sendmsg4", "kln_recvmsg4", "kln_getpeer4", "kln_connect6"):
+        assert prog in attached
+    key = host.file("/usr/lib/kldload-netstack/bpf/sock_lb.o")
+    assert key.exists and key.mode == 0o644
+
+
 def test_router_runs_frr(host, groups):
     if "routers" not in groups:
         pytest.skip("not a router")

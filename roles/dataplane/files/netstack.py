@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 # Copyright: kldload.netstack contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """netstack - the node-side command of kldload.netstack (installed by the dataplane role).
