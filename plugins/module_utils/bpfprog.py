@@ -33,6 +33,7 @@ import tempfile
 from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys
 
 CGROUP2_SUPER_MAGIC = 0x63677270
+BPF_FS_MAGIC = 0xCAFE4A11
 DEFAULT_PIN_PATH = "/sys/fs/bpf/kldload-netstack"
 LINKS = "links"
 MAPS = "maps"
@@ -458,6 +459,15 @@ def summary(st, root):
             "attachments": sorted(os.path.basename(p) for p in st["links"])}
 
 
+def _check_bpffs(root):
+    existing = root
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    if _statfs_type(existing) != BPF_FS_MAGIC:
+        raise ProgError("pin_path: %s is not on a BPF file system (%s is not bpffs); mount one first "
+                        "(kldload.netstack.bpffs or the prereqs role)" % (os.path.dirname(root), existing))
+
+
 def ensure(root, obj, attach, map_sizes=None, state="present", check=False, run=subprocess_runner,
            bpftool="bpftool"):
     """The whole module behaviour: returns {changed, actions, before, after, report, sha256}."""
@@ -479,6 +489,7 @@ def ensure(root, obj, attach, map_sizes=None, state="present", check=False, run=
                 "actions": _acts_text(acts), "report": {"programs": {}, "maps": {}, "attachments": []}}
     if not obj or not os.path.isfile(obj):
         raise ProgError("object: %s is not a file" % obj)
+    _check_bpffs(root)
     sha = file_sha256(obj)
     attachments = resolve_attachments(attach, root)
     ver = version(sha, map_sizes)

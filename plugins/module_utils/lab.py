@@ -13,6 +13,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import errno
 import os
 import re
 import shutil
@@ -119,10 +120,16 @@ class Lab:
             rt.link("add", **attrs)
 
     def _del_link(self, netns, dev):
+        # A veth end also goes away on its own once the namespace holding its peer is torn down
+        # (asynchronously, after delete_netns): a link that vanished in between is not an error.
         with self._rt(netns) as rt:
             idx = rt.link_lookup(ifname=dev)
             if idx:
-                rt.link("del", index=idx[0])
+                try:
+                    rt.link("del", index=idx[0])
+                except Exception as e:  # pyroute2's NetlinkError carries the errno in .code
+                    if errno.ENODEV not in (getattr(e, "code", None), getattr(e, "errno", None)):
+                        raise
 
     def _attach(self, netns, dev, bridge):
         with self._rt(netns) as rt:

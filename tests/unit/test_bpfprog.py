@@ -219,6 +219,7 @@ def fake_node(monkeypatch, tmp_path):
         return probed()
 
     monkeypatch.setattr(bpfprog, "inspect", lambda root: node["current"])
+    monkeypatch.setattr(bpfprog, "_check_bpffs", lambda root: None)   # NOROOT is not on a bpffs
     monkeypatch.setattr(bpfprog, "file_sha256", lambda path: SHA_NEW)
     monkeypatch.setattr(bpfprog, "probe", probe)
     monkeypatch.setattr(bpfprog, "apply", lambda root, o, acts, run, bpftool: node["applied"].append(acts))
@@ -371,3 +372,10 @@ def test_verifier_summary_tail_and_fallback():
     # only register lines: keep the last of them rather than nothing
     assert bpfprog._verifier_summary("1: R1=ctx()\n2: R2=1") == "1: R1=ctx() | 2: R2=1"
     assert bpfprog._verifier_summary("") == ""
+
+
+def test_ensure_refuses_a_pin_path_that_is_not_bpffs(tmp_path):
+    obj = tmp_path / "o"
+    obj.write_bytes(b"x")
+    with pytest.raises(bpfprog.ProgError, match=r"pin_path: .* is not on a BPF file system .*mount one first"):
+        bpfprog.ensure(str(tmp_path / "pins" / "x"), str(obj), [], {})
