@@ -15,18 +15,18 @@ SRC = r"""
 #include <bpf/bpf_helpers.h>
 
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, __u64);
-	__uint(max_entries, 4);
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __type(key, __u32);
+    __type(value, __u64);
+    __uint(max_entries, 4);
 } counters SEC(".maps");
 
 static __always_inline void count(__u32 i)
 {
-	__u64 *v = bpf_map_lookup_elem(&counters, &i);
+    __u64 *v = bpf_map_lookup_elem(&counters, &i);
 
-	if (v)
-		__sync_fetch_and_add(v, VARIANT);
+    if (v)
+        __sync_fetch_and_add(v, VARIANT);
 }
 
 SEC("xdp") int xdp_count(struct xdp_md *ctx) { count(0); return XDP_PASS; }
@@ -95,7 +95,7 @@ def test_xdp_and_tcx_four_times_and_traffic(lab, node):
     assert [x["id"] for x in net["xdp"]] == [ids["xdp"]] and net["xdp"][0]["mode"] == "generic"
     assert sorted((t["kind"], t["name"]) for t in net["tc"]) == [("tcx/egress", "tc_out"), ("tcx/ingress", "tc_in")]
     lab.sh(host, "ping -c 3 -i 0.2 -W 1 169.254.77.2")
-    xdp, tc_in, tc_out, _ = _counters(lab, host)
+    xdp, tc_in, tc_out = _counters(lab, host)[:3]
     assert xdp >= 3 and tc_in >= 3 and tc_out >= 3, (xdp, tc_in, tc_out)
 
 
