@@ -43,6 +43,11 @@ class LabError(Exception):
     pass
 
 
+def _vanished(exc):
+    """A netlink error saying the link is gone (pyroute2's NetlinkError carries the errno in .code)."""
+    return errno.ENODEV in (getattr(exc, "code", None), getattr(exc, "errno", None))
+
+
 def netns_name(node):
     return "kln-%s" % node
 
@@ -90,7 +95,12 @@ class Lab:
             return None
         with self._rt(netns) as rt:
             idx = rt.link_lookup(ifname=name)
-            return rt.get_links(idx[0])[0] if idx else None
+            try:
+                return rt.get_links(idx[0])[0] if idx else None
+            except Exception as e:
+                if _vanished(e):  # a veth end going away with its peer's namespace
+                    return None
+                raise
 
     def link_exists(self, name, netns=None):
         return self._link(name, netns) is not None
@@ -100,7 +110,12 @@ class Lab:
             idx = rt.link_lookup(ifname=dev)
             if not idx:
                 return set()
-            return set("%s/%s" % (a.get("IFA_ADDRESS"), a["prefixlen"]) for a in rt.get_addr(index=idx[0]))
+            try:
+                return set("%s/%s" % (a.get("IFA_ADDRESS"), a["prefixlen"]) for a in rt.get_addr(index=idx[0]))
+            except Exception as e:
+                if _vanished(e):
+                    return set()
+                raise
 
     def _link_up(self, dev, netns=None):
         link = self._link(dev, netns)
@@ -127,8 +142,8 @@ class Lab:
             if idx:
                 try:
                     rt.link("del", index=idx[0])
-                except Exception as e:  # pyroute2's NetlinkError carries the errno in .code
-                    if errno.ENODEV not in (getattr(e, "code", None), getattr(e, "errno", None)):
+                except Exception as e:
+                    if not _vanished(e):
                         raise
 
     def _attach(self, netns, dev, bridge):
