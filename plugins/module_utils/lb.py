@@ -627,7 +627,8 @@ def destroy_udp_sockets(backends, run):
 
     A connected UDP socket keeps the backend connect() chose; when that backend leaves every
     service the socket would send to it for ever, so it is destroyed (sock_diag SOCK_DESTROY via
-    ``ss -K``; the application sees ECONNABORTED and reconnects through the VIP). One ``ss`` per
+    ``ss -K``; the socket is disconnected - recv() fails with ECONNABORTED, send() with EDESTADDRREQ -
+    and the application connects again through the VIP). One ``ss`` per
     network namespace that has a process (found through /proc/*/ns/net). Returns the number of
     sockets destroyed. ``run(argv) -> (rc, out, err)``.
     """

@@ -8,6 +8,7 @@ node's own dataplane (installed by install.yml) is not disturbed; the reboot tes
 import json
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,55 @@ def test_node_dataplane_survives_a_reboot(lab, node):
     names = sorted(p["name"] for p in json.loads(lab.sh(host, "bpftool -j cgroup show %s" % cgroot).stdout))
     assert names == sorted(["kln_connect4", "kln_connect6", "kln_getpeer4", "kln_getpeer6", "kln_recvmsg4",
                             "kln_recvmsg6", "kln_sendmsg4", "kln_sendmsg6"])
+
+
+UDP_CLIENT = r"""
+import errno, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"hi")
+print("backend", s.recv(256).decode().split()[1], flush=True)
+end = time.time() + 30
+while time.time() < end:
+    time.sleep(0.2)
+    try:
+        s.send(b"hi")
+        s.recv(256)
+    except socket.timeout:
+        continue
+    except OSError as e:
+        print("error", errno.errorcode.get(e.errno, e.errno), flush=True)
+        sys.exit(0)
+print("still connected", flush=True)
+"""
+
+
+def test_connected_udp_socket_is_destroyed_when_its_backend_goes(lab, node):
+    host, cg = node
+    ips = _ips(lab)
+    lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg))
+    lab.module(host, "kldload.netstack.lb_services", _lb_args(_services(ips)))
+    lab.put(host, "/run/netstack-test-udpc.py", UDP_CLIENT)
+    lab.sh(host, "rm -f /run/netstack-test-udpc.out; sh -c 'echo $$ > %s/cgroup.procs && exec python3 "
+                 "/run/netstack-test-udpc.py %s 53 > /run/netstack-test-udpc.out 2>&1' &" % (cg, VIP))
+    backend = ""
+    for _ in range(50):
+        out = lab.sh(host, "cat /run/netstack-test-udpc.out", check=False).stdout
+        if out.startswith("backend "):
+            backend = out.split()[1]
+            break
+        time.sleep(0.1)
+    assert backend, out
+    gone_ip = backend.rsplit(":", 1)[0]
+    res = lab.module(host, "kldload.netstack.lb_services",
+                     _lb_args(_services([ip for ip in ips if ip != gone_ip])))   # leaves every service
+    assert res["udp_sockets_destroyed"] >= 1, res
+    for _ in range(50):
+        out = lab.sh(host, "cat /run/netstack-test-udpc.out", check=False).stdout
+        if "error" in out or "still" in out:
+            break
+        time.sleep(0.2)
+    # destroyed (sock_diag): a pending recv() gets ECONNABORTED, a send() EDESTADDRREQ (no longer connected)
+    assert "error ECONNABORTED" in out or "error EDESTADDRREQ" in out, out
+    lab.module(host, "kldload.netstack.lb_services", _lb_args(_services(ips)))
