@@ -27,7 +27,8 @@ description:
   - Services in the maps that are not listed are removed (O(prune=true), the default).
   - Backends that leave every service have their connected UDP sockets destroyed in every network
     namespace of the node (C(ss -K); the socket is disconnected - a pending C(recv) fails with
-    C(ECONNABORTED), a C(send) with C(EDESTADDRREQ) - and the application connects again through the VIP), so a connected UDP client does not keep sending to a backend that is gone. Established
+    C(ECONNABORTED), a C(send) with C(EDESTADDRREQ) - and the application connects again through
+    the VIP), so a connected UDP client does not keep sending to a backend that is gone. Established
     TCP connections are left to finish, like kube-proxy does.
 options:
   services:

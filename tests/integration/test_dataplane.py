@@ -276,7 +276,7 @@ def test_connected_udp_socket_is_destroyed_when_its_backend_goes(lab, node):
     lab.sh(host, "rm -f /run/netstack-test-udpc.out; sh -c 'echo $$ > %s/cgroup.procs && exec python3 "
                  "/run/netstack-test-udpc.py %s 53 > /run/netstack-test-udpc.out 2>&1' &" % (cg, VIP))
     backend = ""
-    for _ in range(50):
+    for _try in range(50):
         out = lab.sh(host, "cat /run/netstack-test-udpc.out", check=False).stdout
         if out.startswith("backend "):
             backend = out.split()[1]
@@ -287,7 +287,7 @@ def test_connected_udp_socket_is_destroyed_when_its_backend_goes(lab, node):
     res = lab.module(host, "kldload.netstack.lb_services",
                      _lb_args(_services([ip for ip in ips if ip != gone_ip])))   # leaves every service
     assert res["udp_sockets_destroyed"] >= 1, res
-    for _ in range(50):
+    for _try in range(50):
         out = lab.sh(host, "cat /run/netstack-test-udpc.out", check=False).stdout
         if "error" in out or "still" in out:
             break
