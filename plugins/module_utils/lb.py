@@ -27,6 +27,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import struct
 import time
 
@@ -88,6 +89,36 @@ def _ip(value, where):
         return ipaddress.ip_address(str(value).strip())
     except ValueError:
         raise LbError("%s: %r is not an IPv4 or IPv6 address" % (where, value))
+
+
+class _Addr(str):
+    """A canonical address string with its family (``version``), parsed with inet_pton: backends are
+    parsed by the hundred thousand, where ipaddress objects cost most of a full sync."""
+
+    version = 4
+
+
+def _backend_ip(value, where):
+    text = str(value).strip()
+    for fam, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
+        try:
+            packed = socket.inet_pton(fam, text)
+        except (OSError, ValueError):
+            continue
+        if version == 4 and text.count(".") != 3:
+            break
+        a = _Addr(socket.inet_ntop(fam, packed))
+        a.version = version
+        return a
+    raise LbError("%s: %r is not an IPv4 or IPv6 address" % (where, value))
+
+
+def _packed(ip):
+    return socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+
+
+def _unpack_ip(b):
+    return socket.inet_ntop(socket.AF_INET if len(b) == 4 else socket.AF_INET6, b)
 
 
 def is_prime(n):
@@ -156,7 +187,7 @@ def normalize(services, maglev_m=DEFAULT_MAGLEV_M):
                 raise LbError("%s: unknown field(s) %s (known: ip, port, weight)" % (bw, ", ".join(unknown)))
             if "ip" not in be:
                 raise LbError("%s.ip: required" % bw)
-            bip = _ip(be["ip"], bw + ".ip")
+            bip = _backend_ip(be["ip"], bw + ".ip")
             if bip.version != vip.version:
                 raise LbError("%s.ip: %s is IPv%d but the service's vip %s is IPv%d; a service's backends must be of "
                               "its address family" % (bw, bip, bip.version, vip, vip.version))
@@ -174,7 +205,7 @@ def normalize(services, maglev_m=DEFAULT_MAGLEV_M):
         if alg == "maglev" and len(bes) * 10 > maglev_m:
             raise LbError("%s.backends: %d backends need a Maglev table size of at least %d (maglev_table_size is %d)"
                           % (where, len(bes), len(bes) * 10, maglev_m))
-        bes.sort(key=lambda b: (ipaddress.ip_address(b["ip"]).packed, b["port"]))
+        bes.sort(key=lambda b: (_packed(b["ip"]), b["port"]))
         out.append({"name": name, "namespace": ns, "vip": str(vip), "port": port, "protocol": proto,
                     "algorithm": alg, "affinity_timeout": aff, "backends": bes})
     return out
@@ -185,8 +216,10 @@ def svc_key(svc):
 
 
 def addr_port(ip, port):
-    ip = ipaddress.ip_address(str(ip))
-    return ("[%s]:%d" if ip.version == 6 else "%s:%d") % (ip, port)
+    ip = str(ip)
+    if ":" in ip:
+        return "[%s]:%d" % (ip, port)
+    return "%s:%d" % (ip, port)
 
 
 def svc_label(key):
@@ -194,7 +227,7 @@ def svc_label(key):
 
 
 def _fam(ip):
-    return ipaddress.ip_address(ip).version
+    return 6 if ":" in ip else 4
 
 
 # ---- Maglev ------------------------------------------------------------------------------------
@@ -297,7 +330,7 @@ def read_state(maps):
         for k, v in maps.dump("kln_lb%d_backend" % fam):
             bid = S["lb_backend_key"].unpack(k)[0]
             addr, port, _proto, _flags = st.unpack(v)
-            ip = str(ipaddress.ip_address(addr))
+            ip = _unpack_ip(addr)
             port = int.from_bytes(port, "big")
             backends[(fam, ip, port)] = bid
             by_id[(fam, bid)] = (ip, port)
@@ -307,7 +340,7 @@ def read_state(maps):
         kst = S["lb%d_key" % fam]
         for k, v in maps.dump("kln_lb%d_svc" % fam):
             addr, port, slot, proto = kst.unpack(k)
-            key = (str(ipaddress.ip_address(addr)), int.from_bytes(port, "big"), PROTO_NAMES.get(proto, str(proto)))
+            key = (_unpack_ip(addr), int.from_bytes(port, "big"), PROTO_NAMES.get(proto, str(proto)))
             rec = S["lb_service"].unpack(v)
             if slot == 0:
                 bid, count, sid, alg, flags, weight, aff, rev = rec
@@ -420,7 +453,7 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
                 needed.add((_fam(b["ip"]), b["ip"], b["port"]))
     next_bid = {4: 1, 6: 1}
     new_backends = []
-    for bk in sorted(needed, key=lambda t: (t[0], ipaddress.ip_address(t[1]).packed, t[2])):
+    for bk in sorted(needed, key=lambda t: (t[0], _packed(t[1]), t[2])):
         if bk in bids:
             continue
         fam = bk[0]
@@ -520,7 +553,7 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
         fam, ip, port = bk
         upd.setdefault("kln_lb%d_backend" % fam, []).append(
             (S["lb_backend_key"].pack(bids[bk]), S["lb%d_backend" % fam].pack(
-                ipaddress.ip_address(ip).packed, port.to_bytes(2, "big"), 0, 0)))
+                _packed(ip), port.to_bytes(2, "big"), 0, 0)))
     masters = {}
     stale = {}
     for key in rewrite:
@@ -528,7 +561,7 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
         cur = current.get(key)
         fam = _fam(key[0])
         smap = "kln_lb%d_svc" % fam
-        vp = ipaddress.ip_address(key[0]).packed
+        vp = _packed(key[0])
         proto = PROTOCOLS[key[2]]
         sid = plan_sid[key]
         rev = ((cur["rev"] if cur else 0) + 1) & 0xFFFFFFFF
@@ -573,7 +606,7 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
     for key in (k for k in current if k not in want and prune):
         cur = current[key]
         fam = _fam(key[0])
-        vp = ipaddress.ip_address(key[0]).packed
+        vp = _packed(key[0])
         proto = PROTOCOLS.get(key[2], 0)
         rm_masters.setdefault("kln_lb%d_svc" % fam, []).append(_pkey(fam, vp, key[1], 0, proto))
         dels.setdefault("kln_lb%d_svc" % fam, []).extend(
@@ -661,7 +694,7 @@ def destroy_udp_sockets(backends, run):
 
 def _table(current, names):
     rows = []
-    for key in sorted(current, key=lambda k: (_fam(k[0]), ipaddress.ip_address(k[0]).packed, k[1], k[2])):
+    for key in sorted(current, key=lambda k: (_fam(k[0]), _packed(k[0]), k[1], k[2])):
         s = current[key]
         label = svc_label(key)
         rows.append({"service": label, "name": names.get(label, ""), "id": s["id"], "algorithm": s["algorithm"],
