@@ -37,15 +37,20 @@ def node(lab):
     run_playbook("playbooks/install.yml")
     host = lab.hosts("kube_workers")[0]
     cg = lab.sh(host, "findmnt -n -o TARGET -t cgroup2 | head -1").stdout.strip() + "/" + CG_NAME
-    lab.sh(host, "mkdir -p %s" % cg)
-    for h in lab.hosts("kube_nodes"):  # the test servers: backends on every node
-        lab.sh(h, "systemctl stop netstack-test-echo 2>/dev/null; systemd-run --unit netstack-test-echo --collect "
-                  "-p RuntimeMaxSec=900 /usr/local/sbin/netstack echo --tcp %d --udp %d --seconds 850" % (PORT, PORT))
+    _prepare(lab, lab.hosts("kube_nodes"), cg)
     yield host, cg
     lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "state": "absent"})
     lab.sh(host, "rmdir %s; rm -rf /run/netstack-test-lb" % cg, check=False)
     for h in lab.hosts("kube_nodes"):
         lab.sh(h, "systemctl stop netstack-test-echo", check=False)
+
+
+def _prepare(lab, hosts, cg):
+    """The private cgroup on the test node and a test server on PORT on each of hosts (again after a reboot)."""
+    lab.sh(lab.hosts("kube_workers")[0], "mkdir -p %s" % cg)
+    for h in hosts:  # the test servers: backends on every node
+        lab.sh(h, "systemctl stop netstack-test-echo 2>/dev/null; systemd-run --unit netstack-test-echo --collect "
+                  "-p RuntimeMaxSec=900 /usr/local/sbin/netstack echo --tcp %d --udp %d --seconds 850" % (PORT, PORT))
 
 
 def _attach(cg, v6=False):
@@ -231,10 +236,11 @@ def test_absent_leaves_nothing(lab, node):
 
 
 def test_node_dataplane_survives_a_reboot(lab, node):
-    host, _cg = node
+    host, cg = node
     listed = lab.sh(host, "netstack lb list").stdout
     assert "10.96.0.10:80/TCP" in listed
     lab.restart(host)
+    _prepare(lab, [host], cg)   # the reboot took the test cgroup and the test server with it
     assert lab.sh(host, "systemctl is-active netstack-dataplane.service").stdout.strip() == "active"
     assert lab.sh(host, "netstack lb list").stdout == listed
     status = json.loads(lab.sh(host, "netstack dataplane status --json").stdout)

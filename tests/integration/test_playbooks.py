@@ -9,6 +9,17 @@ def _recap(proc):
             re.findall(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=\d+\s+failed=(\d+)", proc.stdout, re.M)}
 
 
+def _changed_tasks(proc):
+    """The tasks that reported a change, with the output lines that say so (for failure messages)."""
+    found, task = [], ""
+    for line in proc.stdout.splitlines():
+        if line.startswith("TASK ["):
+            task = line.rstrip("* ")
+        elif line.startswith("changed:"):
+            found.append("%s\n  %s" % (task, line[:300]))
+    return "\n".join(found) or proc.stdout[-3000:]
+
+
 def test_prereqs_names_every_unmet_requirement_and_changes_nothing(lab):
     host = lab.hosts("kube_workers")[0]
     lab.sh(host, "rm -f /etc/sysctl.d/90-kldload-netstack.conf; umount /sys/fs/bpf; true")
@@ -42,9 +53,9 @@ def test_install_stops_a_host_kube_proxy_and_is_idempotent(lab):
         assert lab.sh(host, "systemctl is-active kube-proxy", check=False).stdout.strip() == "inactive"
         assert lab.sh(host, "systemctl is-enabled kube-proxy", check=False).stdout.strip() == "disabled"
         again = run_playbook("playbooks/install.yml")
-        assert all(r["changed"] == 0 for r in _recap(again).values()), again.stdout[-3000:]
+        assert all(r["changed"] == 0 for r in _recap(again).values()), _changed_tasks(again)
         check = run_playbook("playbooks/install.yml", "--check", "--diff")
-        assert all(r["changed"] == 0 for r in _recap(check).values())
+        assert all(r["changed"] == 0 for r in _recap(check).values()), _changed_tasks(check)
         run_playbook("playbooks/verify.yml")
     finally:
         lab.sh(host, "rm -f /etc/systemd/system/kube-proxy.service && systemctl daemon-reload", check=False)
