@@ -636,7 +636,7 @@ class Bench:
                         p("    %-72s %9.4f s%s" % (clabel[x], ch[x]["median"], extra))
             bd = b.get("lb_breakdown")
             if bd:
-                p("  lb.sync breakdown: normalize() %.3f s, read_state() of the maps %.3f s (lb.sync reads twice);"
+                p("  lb.sync breakdown: normalize() %.3f s, read_state() of the maps %.3f s;"
                   % (bd["normalize"], bd["read_state"]))
                 p("  bpf() floor (pre-encoded entries, BPF_MAP_UPDATE_BATCH): full %.3f s (%d entries), one-service change %.5f s"
                   % (bd["floor_full"], bd["floor_full_entries"], bd["floor_change"]))

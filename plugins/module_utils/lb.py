@@ -22,6 +22,8 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import contextlib
+import gc
 import hashlib
 import ipaddress
 import json
@@ -29,6 +31,7 @@ import os
 import re
 import socket
 import struct
+import sys
 import time
 
 from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys
@@ -66,6 +69,7 @@ MAX_SERVICE_ID = 65535
 MAX_WEIGHT_TOTAL = 65535
 SERVICE_KEYS = ("name", "namespace", "vip", "port", "protocol", "algorithm", "affinity_timeout", "backends")
 BACKEND_KEYS = ("ip", "port", "weight")
+_BACKEND_KEYS = frozenset(BACKEND_KEYS)
 
 
 class LbError(ValueError):
@@ -91,15 +95,14 @@ def _ip(value, where):
         raise LbError("%s: %r is not an IPv4 or IPv6 address" % (where, value))
 
 
-class _Addr(str):
-    """A canonical address string with its family (``version``), parsed with inet_pton: backends are
-    parsed by the hundred thousand, where ipaddress objects cost most of a full sync."""
-
-    version = 4
-
-
-def _backend_ip(value, where):
+def _backend_ip(value, where, cache):
+    """(canonical text, version, packed) of a backend address, parsed with inet_pton: backends come
+    by the hundred thousand, where ipaddress objects cost most of a full sync. ``cache`` maps the
+    input text to the result (a backend is usually listed by many services)."""
     text = str(value).strip()
+    hit = cache.get(text)
+    if hit is not None:
+        return hit
     for fam, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
         try:
             packed = socket.inet_pton(fam, text)
@@ -107,10 +110,9 @@ def _backend_ip(value, where):
             continue
         if version == 4 and text.count(".") != 3:
             break
-        a = _Addr(socket.inet_ntop(fam, packed))
-        a.version = version
-        return a
-    raise LbError("%s: %r is not an IPv4 or IPv6 address" % (where, value))
+        hit = cache[text] = (socket.inet_ntop(fam, packed), version, packed)
+        return hit
+    raise LbError("%s: %r is not an IPv4 or IPv6 address" % (where(), value))
 
 
 def _packed(ip):
@@ -141,6 +143,7 @@ def normalize(services, maglev_m=DEFAULT_MAGLEV_M):
         raise LbError("services: must be a list, got %s" % type(services).__name__)
     out = []
     seen = {}
+    ipcache = {}
     for i, svc in enumerate(services):
         where = "services[%d]" % i
         if not isinstance(svc, dict):
@@ -179,33 +182,39 @@ def normalize(services, maglev_m=DEFAULT_MAGLEV_M):
         bseen = set()
         total = 0
         for j, be in enumerate(backends):
-            bw = "%s.backends[%d]" % (where, j)
+            def bw(j=j):
+                return "%s.backends[%d]" % (where, j)
             if not isinstance(be, dict):
-                raise LbError("%s: must be a mapping {ip, port, weight}, got %r" % (bw, be))
-            unknown = sorted(set(be) - set(BACKEND_KEYS))
-            if unknown:
-                raise LbError("%s: unknown field(s) %s (known: ip, port, weight)" % (bw, ", ".join(unknown)))
+                raise LbError("%s: must be a mapping {ip, port, weight}, got %r" % (bw(), be))
+            if not be.keys() <= _BACKEND_KEYS:
+                raise LbError("%s: unknown field(s) %s (known: ip, port, weight)" % (bw(), ", ".join(sorted(set(be) - _BACKEND_KEYS))))
             if "ip" not in be:
-                raise LbError("%s.ip: required" % bw)
-            bip = _backend_ip(be["ip"], bw + ".ip")
-            if bip.version != vip.version:
+                raise LbError("%s.ip: required" % bw())
+            bip, bver, bpacked = _backend_ip(be["ip"], lambda: bw() + ".ip", ipcache)
+            if bver != vip.version:
                 raise LbError("%s.ip: %s is IPv%d but the service's vip %s is IPv%d; a service's backends must be of "
-                              "its address family" % (bw, bip, bip.version, vip, vip.version))
-            bport = _int(be.get("port", port), bw + ".port", 1, 65535)
-            weight = _int(be.get("weight", 1), bw + ".weight", -(2 ** 31), 2 ** 31)
-            if weight <= 0:
-                raise LbError("%s.weight: must be > 0, got %d (remove the backend to stop sending it traffic)" % (bw, weight))
-            if (str(bip), bport) in bseen:
-                raise LbError("%s: backend %s listed twice" % (bw, addr_port(bip, bport)))
-            bseen.add((str(bip), bport))
+                              "its address family" % (bw(), bip, bver, vip, vip.version))
+            bport = be.get("port", port)
+            if type(bport) is not int or not 1 <= bport <= 65535:   # pylint: disable=unidiomatic-typecheck
+                bport = _int(bport, bw() + ".port", 1, 65535)
+            weight = be.get("weight", 1)
+            if type(weight) is not int or not 0 < weight < 2 ** 31:  # pylint: disable=unidiomatic-typecheck
+                weight = _int(weight, bw() + ".weight", -(2 ** 31), 2 ** 31)
+                if weight <= 0:
+                    raise LbError("%s.weight: must be > 0, got %d (remove the backend to stop sending it traffic)"
+                                  % (bw(), weight))
+            if (bip, bport) in bseen:
+                raise LbError("%s: backend %s listed twice" % (bw(), addr_port(bip, bport)))
+            bseen.add((bip, bport))
             total += weight
-            bes.append({"ip": str(bip), "port": bport, "weight": weight})
+            bes.append((bpacked, bport, {"ip": bip, "port": bport, "weight": weight}))
         if total > MAX_WEIGHT_TOTAL:
             raise LbError("%s.backends: total weight %d is more than %d" % (where, total, MAX_WEIGHT_TOTAL))
         if alg == "maglev" and len(bes) * 10 > maglev_m:
             raise LbError("%s.backends: %d backends need a Maglev table size of at least %d (maglev_table_size is %d)"
                           % (where, len(bes), len(bes) * 10, maglev_m))
-        bes.sort(key=lambda b: (_packed(b["ip"]), b["port"]))
+        bes.sort(key=lambda b: b[:2])
+        bes = [b[2] for b in bes]
         out.append({"name": name, "namespace": ns, "vip": str(vip), "port": port, "protocol": proto,
                     "algorithm": alg, "affinity_timeout": aff, "backends": bes})
     return out
@@ -325,23 +334,29 @@ def read_state(maps):
     """The table in the maps: {key: service record with ids}, backends {(fam, ip, port): id}."""
     backends = {}
     by_id = {}
+    ntop = _unpack_ip
     for fam in (4, 6):
-        st = S["lb%d_backend" % fam]
+        unpack = S["lb%d_backend" % fam].unpack
         for k, v in maps.dump("kln_lb%d_backend" % fam):
-            bid = S["lb_backend_key"].unpack(k)[0]
-            addr, port, _proto, _flags = st.unpack(v)
-            ip = _unpack_ip(addr)
+            bid = int.from_bytes(k, sys.byteorder)
+            addr, port, _proto, _flags = unpack(v)
+            ip = ntop(addr)
             port = int.from_bytes(port, "big")
             backends[(fam, ip, port)] = bid
             by_id[(fam, bid)] = (ip, port)
     services = {}
     slots = {}
+    keys = {}
+    vunpack = S["lb_service"].unpack
     for fam in (4, 6):
-        kst = S["lb%d_key" % fam]
+        kunpack = S["lb%d_key" % fam].unpack
         for k, v in maps.dump("kln_lb%d_svc" % fam):
-            addr, port, slot, proto = kst.unpack(k)
-            key = (_unpack_ip(addr), int.from_bytes(port, "big"), PROTO_NAMES.get(proto, str(proto)))
-            rec = S["lb_service"].unpack(v)
+            addr, port, slot, proto = kunpack(k)
+            key = keys.get((addr, port, proto))
+            if key is None:
+                key = keys[(addr, port, proto)] = (ntop(addr), int.from_bytes(port, "big"),
+                                                   PROTO_NAMES.get(proto, str(proto)))
+            rec = vunpack(v)
             if slot == 0:
                 bid, count, sid, alg, flags, weight, aff, rev = rec
                 services[key] = {"vip": key[0], "port": key[1], "protocol": key[2], "id": sid, "count": count,
@@ -349,6 +364,7 @@ def read_state(maps):
                                  "family": fam}
             else:
                 slots.setdefault(key, {})[slot] = (rec[0], rec[5])
+    nothing = (None, None)
     for key, svc in services.items():
         fam = svc["family"]
         bes = []
@@ -356,7 +372,7 @@ def read_state(maps):
         s = slots.get(key, {})
         for slot in range(1, svc["count"] + 1):
             bid, cum = s.get(slot, (0, 0))
-            ip, port = by_id.get((fam, bid), (None, None))
+            ip, port = by_id.get((fam, bid), nothing)
             w = cum - prev if cum > prev else 1
             prev = max(cum, prev)
             bes.append({"ip": ip, "port": port, "weight": w, "id": bid, "slot": slot})
@@ -409,12 +425,27 @@ def sync(mapdir, services, prune=True, check=False, maglev_m=DEFAULT_MAGLEV_M, s
     t0 = time.time()
     if not is_prime(maglev_m) or maglev_m < 7:
         raise LbError("maglev_table_size: must be a prime >= 7, got %r" % maglev_m)
-    desired = normalize(services, maglev_m)
-    maps = Maps(mapdir)
+    with _no_gc():
+        desired = normalize(services, maglev_m)
+        maps = Maps(mapdir)
+        try:
+            return _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t0)
+        finally:
+            maps.close()
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """No cyclic garbage collection while a table is built: its hundreds of thousands of small
+    acyclic dicts and tuples make every full collection walk them all (half of a 10,000-service
+    sync's time here); reference counting frees them as usual."""
+    was = gc.isenabled()
+    gc.disable()
     try:
-        return _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t0)
+        yield
     finally:
-        maps.close()
+        if was:
+            gc.enable()
 
 
 def _load_state(state_file):
@@ -448,24 +479,28 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
         used_bids[fam].add(bid)
     needed = set()
     for s in list(want.values()) + list(keep.values()):
+        fam = _fam(s["vip"])
         for b in s["backends"]:
             if b["ip"] is not None:
-                needed.add((_fam(b["ip"]), b["ip"], b["port"]))
+                needed.add((fam, b["ip"], b["port"]))
     next_bid = {4: 1, 6: 1}
     new_backends = []
-    for bk in sorted(needed, key=lambda t: (t[0], _packed(t[1]), t[2])):
-        if bk in bids:
-            continue
+    for bk in sorted((bk for bk in needed if bk not in bids), key=lambda t: (t[0], _packed(t[1]), t[2])):
         fam = bk[0]
         while next_bid[fam] in used_bids[fam]:
             next_bid[fam] += 1
         bids[bk] = next_bid[fam]
         used_bids[fam].add(next_bid[fam])
         new_backends.append(bk)
+    counts = {4: 0, 6: 0}
+    for bk in needed:
+        counts[bk[0]] += 1
+    for bk in cur_backends:
+        if bk not in needed:
+            counts[bk[0]] += 1      # deleted only after the writes
     for fam in (4, 6):
         cap = maps.info["kln_lb%d_backend" % fam]["max_entries"]
-        n = len([1 for bk in needed if bk[0] == fam])
-        n += len([1 for bk in cur_backends if bk[0] == fam and bk not in needed])   # deleted only after the writes
+        n = counts[fam]
         if n > cap:
             raise LbError("services: %d distinct IPv%d backends but kln_lb%d_backend holds %d (raise the map size)"
                           % (n, fam, fam, cap))
@@ -556,6 +591,8 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
                 _packed(ip), port.to_bytes(2, "big"), 0, 0)))
     masters = {}
     stale = {}
+    rewritten = set(rewrite)
+    after = dict((k, current[k]) for k in list(want) + list(keep) if k not in rewritten)
     for key in rewrite:
         s = want[key]
         cur = current.get(key)
@@ -567,10 +604,13 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
         rev = ((cur["rev"] if cur else 0) + 1) & 0xFFFFFFFF
         cum = 0
         weights = [b["weight"] for b in s["backends"]]
+        rows = []
         for slot, b in enumerate(s["backends"], start=1):
             cum += b["weight"]
+            bid = bids[(fam, b["ip"], b["port"])]
             upd.setdefault(smap, []).append((_pkey(fam, vp, key[1], slot, proto),
-                                             S["lb_service"].pack(bids[(fam, b["ip"], b["port"])], 0, sid, 0, 0, cum, 0, 0)))
+                                             S["lb_service"].pack(bid, 0, sid, 0, 0, cum, 0, 0)))
+            rows.append({"ip": b["ip"], "port": b["port"], "weight": b["weight"], "id": bid, "slot": slot})
         if s["algorithm"] == "maglev":
             alg = ALG_MAGLEV
             table = maglev_table([(addr_port(b["ip"], b["port"]), bids[(fam, b["ip"], b["port"])], b["weight"])
@@ -585,6 +625,9 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
         flags = SVC_F_AFFINITY if s["affinity_timeout"] else 0
         masters.setdefault(smap, []).append((_pkey(fam, vp, key[1], 0, proto), S["lb_service"].pack(
             0, len(s["backends"]), sid, alg, flags, cum, s["affinity_timeout"], rev)))
+        after[key] = {"vip": key[0], "port": key[1], "protocol": key[2], "id": sid, "count": len(rows), "alg": alg,
+                      "flags": flags, "weight": cum, "affinity_timeout": s["affinity_timeout"], "rev": rev, "family": fam,
+                      "backends": rows, "stale_slots": [], "algorithm": s["algorithm"]}
         if cur:
             old_n = max([cur["count"]] + cur["stale_slots"])
             stale.setdefault(smap, []).extend(_pkey(fam, vp, key[1], n, proto)
@@ -621,7 +664,7 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
         keys = [S["lb_backend_key"].pack(cur_backends[bk]) for bk in gone_backends if bk[0] == fam]
         stats["calls"] += maps.delete("kln_lb%d_backend" % fam, keys)
         stats["deletes"] += len(keys)
-    touched = set(current[k]["id"] for k in current if (k not in want and prune) or k in rewrite)
+    touched = set(current[k]["id"] for k in current if (k not in want and prune) or k in rewritten)
     if touched:
         aff = [k for k, _v in maps.dump("kln_lb_affinity") if S["lb_affinity_key"].unpack(k)[1] in touched]
         stats["calls"] += maps.delete("kln_lb_affinity", aff)
@@ -630,7 +673,6 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
         _write_state(state_file, list(want.values()) + [prev_state[k] for k in keep if k in prev_state])
     if on_backends_gone and gone_backends:
         on_backends_gone([(ip, port) for _f, ip, port in gone_backends])
-    after, _b = read_state(maps)
     names.update(_names(want))
     stats["seconds"] = round(time.time() - t0, 4)
     return {"changed": True, "diff": diff, "table": _table(after, names), "stats": stats,
@@ -638,10 +680,12 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
 
 
 def _write_state(path, services, only_if_changed=False):
+    """The declared services as JSON, one service per line (json's C encoder: no indent)."""
+    text = '{"services": [\n%s\n]}\n' % ",\n".join(json.dumps(svc, sort_keys=True) for svc in services)
     if only_if_changed:
         try:
             with open(path) as f:
-                if json.load(f) == {"services": services}:
+                if f.read() == text:
                     return
         except (OSError, ValueError):
             pass
@@ -650,7 +694,7 @@ def _write_state(path, services, only_if_changed=False):
         os.makedirs(d, 0o755)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"services": services}, f, indent=1, sort_keys=True)
+        f.write(text)
     os.chmod(tmp, 0o644)
     os.rename(tmp, path)
 
@@ -706,12 +750,13 @@ def _table(current, names):
 
 def table(mapdir, state_file=None):
     """The service table in the maps (the rows ``sync`` returns)."""
-    maps = Maps(mapdir)
-    try:
-        current, _b = read_state(maps)
-    finally:
-        maps.close()
-    return _table(current, _names(_load_state(state_file)) if state_file else {})
+    with _no_gc():
+        maps = Maps(mapdir)
+        try:
+            current, _b = read_state(maps)
+        finally:
+            maps.close()
+        return _table(current, _names(_load_state(state_file)) if state_file else {})
 
 
 def format_table(rows):

@@ -821,3 +821,17 @@ def test_state_file_written_when_maps_already_match(world, tmp_path):
     assert sync(world, renamed, state_file=state)["changed"] is False
     with open(state) as f:
         assert json.load(f) == {"services": lb.normalize(renamed)}
+
+
+def test_returned_table_is_what_the_maps_hold(world, tmp_path):
+    """sync() builds its table from what it wrote; it must equal the maps read back."""
+    state = str(tmp_path / "services.json")
+    steps = [BASE,
+             [S4("web", "10.96.0.10", 80, ["10.0.0.1", ("10.0.0.9", 80, 4)])] + BASE[1:3],
+             [S4("mag", "10.96.0.12", 80, ["10.0.0.5"], algorithm="maglev")],
+             [S4("new", "10.96.0.20", 80, ["10.0.0.20"], affinity_timeout=30)]]
+    for i, services in enumerate(steps):
+        res = sync(world, services, prune=i != 3, state_file=state)
+        assert res["changed"] is True
+        assert res["table"] == lb.table("/fake/maps", state), "step %d" % i
+        assert res["services"] == len(res["table"])
