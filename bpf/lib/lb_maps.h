@@ -41,6 +41,9 @@
 #ifndef LB_AFFINITY_MAP_SIZE
 #define LB_AFFINITY_MAP_SIZE 65536
 #endif
+#ifndef LB_BIDX_MAP_SIZE
+#define LB_BIDX_MAP_SIZE 131072
+#endif
 /* 256 service ids * 2 halves * M=1021  (~2 MiB); size it with the loader. */
 #ifndef LB_MAGLEV_MAP_SIZE
 #define LB_MAGLEV_MAP_SIZE (256 * 2 * 1021)
@@ -131,5 +134,25 @@ struct {
 	__uint(max_entries, 1);
 	KLN_PINNING
 } kln_lb_config SEC(".maps");
+
+/* The userspace index (lb_structs.h): no program reads these two maps. They
+ * live in the object so that the loader creates, sizes, pins and removes them
+ * with the rest, and a recreated map set never meets a stale index. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb_bidx_key);
+	__type(value, struct lb_bidx);
+	__uint(max_entries, LB_BIDX_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	KLN_PINNING
+} kln_lb_bidx SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct lb_index);
+	__uint(max_entries, 1);
+	KLN_PINNING
+} kln_lb_index SEC(".maps");
 
 #endif /* KLN_LB_MAPS_H */

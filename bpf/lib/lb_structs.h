@@ -236,6 +236,57 @@ struct lb_config {
 	__u32 flags;
 };
 
+/* ---- userspace index (kln_lb_bidx, kln_lb_index): the programs never read it
+ *
+ * Kept by plugins/module_utils/lb.py so that one service can be changed with a
+ * few point lookups instead of a dump of every map: which id a backend address
+ * has and how many service slots use it, which service ids are taken, how full
+ * the maps are. A full sync reads the maps themselves and rewrites the index;
+ * an incremental change trusts it only while LB_IDX_F_VALID is set and the map
+ * ids it recorded are still the pinned maps' ids (a recreated map drops it). */
+
+#define LB_IDX_F_VALID 0x01  /* the last writer finished; cleared while a change is written */
+
+/* py: lb_bidx_key =Bx2s16s  (size 20)
+ *  off 0  family      u8 4 or 6
+ *  off 1  pad         zero
+ *  off 2  port[2]     backend port, network order
+ *  off 4  address[16] backend address, network order (IPv4: 4 bytes, then zero)
+ */
+struct lb_bidx_key {
+	__u8  family;
+	__u8  pad;
+	__be16 port;
+	__u8  address[16];
+};
+
+/* py: lb_bidx =II  (size 8)
+ *  off 0  backend_id  u32 key of the backend in kln_lb{4,6}_backend
+ *  off 4  refs        u32 service slots that use it (0 = about to be deleted)
+ */
+struct lb_bidx {
+	__u32 backend_id;
+	__u32 refs;
+};
+
+/* py: lb_index =I6I2I2I2I8192s  (size 8244)
+ *  off 0   flags            u32 LB_IDX_F_*
+ *  off 4   map_ids[6]       kernel ids of kln_lb4_svc, kln_lb6_svc, kln_lb4_backend,
+ *                           kln_lb6_backend, kln_lb_maglev, kln_lb_bidx when written
+ *  off 28  svc_entries[2]   entries in kln_lb4_svc, kln_lb6_svc
+ *  off 36  backends[2]      entries in kln_lb4_backend, kln_lb6_backend
+ *  off 44  next_backend[2]  lowest backend id not tried yet, per family
+ *  off 52  service_ids[8192] bitmap of service ids in use: bit (id & 7) of byte id >> 3
+ */
+struct lb_index {
+	__u32 flags;
+	__u32 map_ids[6];
+	__u32 svc_entries[2];
+	__u32 backends[2];
+	__u32 next_backend[2];
+	__u8  service_ids[8192];
+};
+
 /* ---- layout checks (compile time, both BPF and userspace C) -------------- */
 #define KLN_OFF(t, m) __builtin_offsetof(t, m)
 _Static_assert(sizeof(struct lb4_key) == 12, "lb4_key");
@@ -254,5 +305,9 @@ _Static_assert(sizeof(struct lb6_revnat) == 20, "lb6_revnat");
 _Static_assert(sizeof(struct lb_affinity_key) == 16, "lb_affinity_key");
 _Static_assert(sizeof(struct lb_affinity) == 16, "lb_affinity");
 _Static_assert(sizeof(struct lb_config) == 8, "lb_config");
+_Static_assert(sizeof(struct lb_bidx_key) == 20, "lb_bidx_key");
+_Static_assert(sizeof(struct lb_bidx) == 8, "lb_bidx");
+_Static_assert(sizeof(struct lb_index) == 8244, "lb_index");
+_Static_assert(KLN_OFF(struct lb_index, service_ids) == 52, "lb_index.service_ids");
 
 #endif /* KLN_LB_STRUCTS_H */

@@ -33,7 +33,7 @@ def _read(name):
 
 def test_formats_equal_header_py_lines():
     found = re.findall(r"py:\s+(\w+)\s+(\S+)\s+\(size (\d+)\)", _read("lb_structs.h"))
-    assert len(found) == 16
+    assert len(found) == 19
     names = [n for n, _f, _s in found]
     assert len(names) == len(set(names)), "a py: line is repeated"
     assert lb.FORMATS == dict((n, f) for n, f, _s in found)
@@ -248,12 +248,15 @@ class FakeWorld(object):
     def __init__(self):
         self.store = dict((n, {}) for n in lb.MAPS)
         self.info = dict((n, {"type": t, "max_entries": cap, "key_size": S[k].size, "value_size": S[v].size,
-                              "flags": f}) for n, (t, k, v, cap, f) in lb.MAPS.items())
+                              "flags": f, "id": 100 + i}) for i, (n, (t, k, v, cap, f)) in enumerate(sorted(lb.MAPS.items())))
         self.ops = []            # ("update" | "delete", map name, key) in call order
         self.violations = []
         self.missing_deletes = []
         self.opened = 0
         self.closed = 0
+        self.dumps = []          # names of the maps dumped (read whole)
+        self.lookups = 0
+        self.locked = 0
 
     # -- views -------------------------------------------------------------------------------
     def m(self):
@@ -311,7 +314,7 @@ class FakeWorld(object):
                 self.violations.append("master %s committed with slot %d missing" % (where, n))
             elif self.backend(fam, s[0]) is None:
                 self.violations.append("master %s committed, slot %d -> backend %d missing" % (where, n, s[0]))
-        if alg == lb.ALG_MAGLEV:
+        if alg == lb.ALG_MAGLEV and count:      # count 0: the program refuses before it reads the table
             if not self.m():
                 self.violations.append("Maglev master %s committed before maglev_m" % where)
                 return
@@ -388,7 +391,15 @@ class FakeWorld(object):
                 world.closed += 1
 
             def dump(self, name):
+                world.dumps.append(name)
                 return list(world.store[name].items())
+
+            def lookup(self, name, key):
+                world.lookups += 1
+                return world.store[name].get(key)
+
+            def lock(self):
+                world.locked += 1
 
             def update(self, name, items):
                 for k, v in items:
@@ -567,8 +578,17 @@ def test_prune_false_keeps_unlisted_services(world):
     assert len(world.store["kln_lb4_backend"]) == 3
 
 
+INDEX_MAPS = ("kln_lb_bidx", "kln_lb_index")
+
+
 def _write_order_checks(world, services, res):
-    ops = world.ops
+    # the userspace index: marked invalid before the first map write, valid again after the last
+    idx = [i for i, o in enumerate(world.ops) if o[1] == "kln_lb_index"]
+    data = [i for i, o in enumerate(world.ops) if o[1] not in INDEX_MAPS]
+    assert len(idx) in (1, 2) and idx[-1] > max(data), "the index is not written after the last map write"
+    if len(idx) == 2:
+        assert idx[0] < min(data), "the index is not invalidated before the first map write"
+    ops = [o for o in world.ops if o[1] not in INDEX_MAPS]
     upd = [i for i, o in enumerate(ops) if o[0] == "update"]
     dels = [i for i, o in enumerate(ops) if o[0] == "delete"]
     if upd and dels:
@@ -729,7 +749,7 @@ def test_state_file_and_table(world, tmp_path):
     svcs = [S4("web", "10.96.0.10", 80, ["10.0.0.2", "10.0.0.1"], namespace="shop")] + BASE[2:]
     sync(world, svcs, state_file=state)
     with open(state) as f:
-        assert json.load(f) == {"services": lb.normalize(svcs)}
+        assert json.load(f) == {"generation": 1, "services": lb.normalize(svcs)}
     assert oct(os.stat(state).st_mode & 0o777) == "0o644"
     rows = lb.table("/fake/maps", state)
     assert [(r["service"], r["name"]) for r in rows] == [
@@ -746,10 +766,21 @@ def test_state_file_and_table(world, tmp_path):
 def test_state_file_keeps_unlisted_services_with_prune_false(world, tmp_path):
     state = str(tmp_path / "services.json")
     sync(world, BASE, state_file=state)
-    sync(world, [S4("x", "10.96.9.9", 80, ["10.0.0.9"])], prune=False, state_file=state)
     with open(state) as f:
-        names = sorted(s["name"] for s in json.load(f)["services"])
-    assert names == ["api", "dns6", "mag", "web", "x"]
+        full = f.read()
+    sync(world, [S4("x", "10.96.9.9", 80, ["10.0.0.9"])], prune=False, state_file=state)
+    assert sorted(s["name"] for s in lb.load_state(state)) == ["api", "dns6", "mag", "web", "x"]
+    with open(state) as f:
+        assert f.read() == full, "the incremental path appends to the journal; the state file stays"
+    sync(world, [{"vip": "10.96.0.10", "port": 80, "state": "absent"}], prune=False, state_file=state)
+    assert sorted(s["name"] for s in lb.load_state(state)) == ["api", "dns6", "mag", "x"]
+    with open(state + ".journal") as f:
+        assert len(f.read().splitlines()) == 2
+    # a full sync folds the journal into the state file (generation 2) and removes it
+    sync(world, BASE[:2], state_file=state)
+    assert not os.path.exists(state + ".journal")
+    with open(state) as f:
+        assert json.load(f) == {"generation": 2, "services": lb.normalize(BASE[:2])}
 
 
 def test_format_table_two_backends(world):
@@ -820,7 +851,7 @@ def test_state_file_written_when_maps_already_match(world, tmp_path):
     renamed = [dict(BASE[0], name="frontend")] + BASE[1:]
     assert sync(world, renamed, state_file=state)["changed"] is False
     with open(state) as f:
-        assert json.load(f) == {"services": lb.normalize(renamed)}
+        assert json.load(f) == {"generation": 1, "services": lb.normalize(renamed)}
 
 
 def test_returned_table_is_what_the_maps_hold(world, tmp_path):
@@ -833,5 +864,262 @@ def test_returned_table_is_what_the_maps_hold(world, tmp_path):
     for i, services in enumerate(steps):
         res = sync(world, services, prune=i != 3, state_file=state)
         assert res["changed"] is True
-        assert res["table"] == lb.table("/fake/maps", state), "step %d" % i
-        assert res["services"] == len(res["table"])
+        whole = lb.table("/fake/maps", state)
+        if i == 3:      # prune=False: the listed services only
+            assert res["stats"]["path"] == "incremental"
+            assert res["table"] == [r for r in whole if r["service"] == "10.96.0.20:80/TCP"]
+            assert res["services"] == len(whole)
+        else:
+            assert res["table"] == whole, "step %d" % i
+            assert res["services"] == len(res["table"])
+
+
+# ---- the incremental path (prune=False) and its index -------------------------------------------------
+
+def _view(world):
+    """What a reader of the maps gets, without ids: {key: (algorithm, affinity, alg, backends, Maglev table)}."""
+    maps = world.maps_class()("/fake/maps")
+    try:
+        current, _b = lb.read_state(maps)
+    finally:
+        maps.close()
+    out = {}
+    for key, s in current.items():
+        fam = s["family"]
+        table = None
+        if s["alg"] == lb.ALG_MAGLEV:
+            table = tuple(world.backend(fam, bid) for bid in world.maglev_half(s["id"], s["rev"]))
+        out[key] = (s["algorithm"], s["affinity_timeout"], s["alg"], s["stale_slots"],
+                    tuple((b["ip"], b["port"], b["weight"]) for b in s["backends"]), table)
+    return out
+
+
+def _index_is_exact(world):
+    """The index equals what a rebuild from the maps gives (next_backend may be ahead: ids are not reused at once)."""
+    maps = world.maps_class()("/fake/maps")
+    try:
+        saved = dict((n, dict(world.store[n])) for n in INDEX_MAPS)
+        before = lb._read_index(maps)
+        current, _b = lb.read_state(maps)
+        world.store["kln_lb_index"] = {}
+        lb._write_index(maps, current, {"calls": 0})
+        rebuilt = lb._read_index(maps)
+        same_bidx = world.store["kln_lb_bidx"] == saved["kln_lb_bidx"]
+        world.store.update(saved)
+    finally:
+        maps.close()
+    assert before is not None, "the index is not valid"
+    assert same_bidx, "kln_lb_bidx differs from a rebuild"
+    for f in ("svc_entries", "backends", "service_ids"):
+        assert before[f] == rebuilt[f], f
+    for fam in (4, 6):
+        assert before["next_backend"][fam] >= rebuilt["next_backend"][fam]
+    return True
+
+
+def _random_service(rng, key):
+    vip, port, proto = key
+    pool = ["10.0.0.%d" % i for i in range(1, 16)] if ":" not in vip else ["fd00::a%d" % i for i in range(1, 6)]
+    bes = [{"ip": ip, "port": rng.choice([80, 8080]), "weight": rng.choice([1, 1, 1, 2, 3])}
+           for ip in rng.sample(pool, rng.randint(0, 5))]
+    return {"name": "s-%s-%d" % (vip, port), "vip": vip, "port": port, "protocol": proto, "backends": bes,
+            "algorithm": rng.choice(["random", "random", "maglev"]), "affinity_timeout": rng.choice([0, 0, 30])}
+
+
+def test_incremental_changes_give_the_maps_a_full_sync_gives(monkeypatch):
+    """200 random upserts/removals through prune=False, next to full syncs of the same table: readers see
+    the same services; the incremental path never dumps the service or backend maps; the index stays exact."""
+    import random
+    rng = random.Random(7)
+    keys = [("10.96.0.%d" % i, p, pr) for i in range(1, 13) for p, pr in ((80, "tcp"), (53, "udp"))]
+    keys += [("fd00::%d" % i, 80, "tcp") for i in range(1, 4)]
+    inc, full = FakeWorld(), FakeWorld()
+    model = {}
+    m = 53                                               # small Maglev tables: the fake checks every write
+    sync_into(inc, monkeypatch, [], prune=True, maglev_m=m)          # builds the index
+    paths = collections.Counter()
+    for step in range(200):
+        ops = []
+        for key in rng.sample(keys, rng.randint(1, 3)):
+            if key in model and rng.random() < 0.3:
+                ops.append({"vip": key[0], "port": key[1], "protocol": key[2], "state": "absent"})
+                del model[key]
+            else:
+                model[key] = _random_service(rng, key)
+                ops.append(model[key])
+        inc.dumps = []
+        res = sync_into(inc, monkeypatch, ops, prune=False, maglev_m=m)
+        paths[res["stats"]["path"]] += 1
+        assert not [d for d in inc.dumps if d != "kln_lb_affinity"], (step, inc.dumps)
+        sync_into(full, monkeypatch, list(model.values()), prune=True, maglev_m=m)
+        assert _view(inc) == _view(full), "step %d: %r" % (step, ops)
+        assert _index_is_exact(inc)
+        assert res["services"] == len(model)
+    assert paths == {"incremental": 200}
+
+
+def sync_into(world, monkeypatch, services, **kw):
+    monkeypatch.setattr(lb, "Maps", world.maps_class())
+    world.reset_log()
+    res = lb.sync("/fake/maps", services, **kw)
+    assert world.violations == [], world.violations
+    assert world.missing_deletes == []
+    if res["changed"] and not kw.get("check"):
+        rewritten = [s for s in services if s.get("state") != "absent"]
+        if res["diff"]["added"] or res["diff"]["changed"]:
+            _write_order_checks(world, rewritten if not kw.get("prune", True) else services, res)
+    return res
+
+
+def test_incremental_one_change_reads_and_writes_only_that_service(world):
+    svcs = [S4("s%d" % i, "10.96.%d.%d" % (i // 200, i % 200 + 1), 80, ["10.0.%d.1" % (i % 7), "10.0.%d.2" % (i % 5)])
+            for i in range(1000)]
+    sync(world, svcs)
+    world.reset_log()
+    world.dumps, world.lookups = [], 0
+    res = sync(world, [S4("s5", "10.96.0.6", 80, ["10.0.5.1", "10.0.9.9"])], prune=False)
+    assert res["stats"]["path"] == "incremental"
+    assert res["diff"]["changed"] == [{"service": "10.96.0.6:80/TCP", "name": "default/s5",
+                                       "backends_added": ["10.0.9.9:80"], "backends_removed": ["10.0.0.2:80"]}]
+    assert world.dumps == []
+    assert world.lookups < 30, world.lookups
+    data = [o for o in world.ops if o[1] not in INDEX_MAPS]
+    # a new backend, two slots, the master; nothing to delete (10.0.0.2 is used by other services)
+    assert [o[0] for o in data] == ["update"] * 4
+    assert [r["service"] for r in res["table"]] == ["10.96.0.6:80/TCP"]
+    assert res["services"] == 1000
+    assert _index_is_exact(world)
+    # the same again: nothing written
+    world.reset_log()
+    res = sync(world, [S4("s5", "10.96.0.6", 80, ["10.0.9.9", "10.0.5.1"])], prune=False)
+    assert res["changed"] is False and world.ops == [] and res["stats"]["path"] == "incremental"
+
+
+def test_incremental_removal_frees_backends_and_ids(world):
+    calls = []
+    sync(world, BASE)
+    res = sync(world, [{"vip": "10.96.0.12", "port": 80, "state": "absent"},
+                       {"vip": "10.96.0.99", "port": 80, "state": "absent", "name": "never-there"}],
+               prune=False, on_backends_gone=calls.append)
+    assert res["stats"]["path"] == "incremental"
+    assert res["diff"]["removed"] == [{"service": "10.96.0.12:80/TCP", "name": "",
+                                       "backends": ["10.0.0.5:80", "10.0.0.6:80"]}]
+    assert master_of(world, "10.96.0.12", 80) is None
+    assert calls == [[("10.0.0.5", 80), ("10.0.0.6", 80)]]
+    assert sorted(world.backend(4, lb.S["lb_backend_key"].unpack(k)[0])[0] for k in world.store["kln_lb4_backend"]) \
+        == ["10.0.0.1", "10.0.0.2", "10.0.0.2", "10.0.0.3", "10.0.0.4"]      # 10.0.0.2:80 and :8443
+    assert _index_is_exact(world)
+    # the Maglev id is free again: a new Maglev service gets it
+    res = sync(world, [S4("mag2", "10.96.0.13", 80, ["10.0.0.7"], algorithm="maglev")], prune=False)
+    assert res["table"][0]["id"] == 1
+    # removing what is not there changes nothing
+    assert sync(world, [{"vip": "10.96.0.12", "port": 80, "state": "absent"}], prune=False)["changed"] is False
+
+
+def test_incremental_check_mode_writes_nothing(world):
+    sync(world, BASE)
+    world.reset_log()
+    before = dict((n, dict(v)) for n, v in world.store.items())
+    res = sync(world, [S4("web", "10.96.0.10", 80, ["10.0.0.1"]), {"vip": "fd00::53", "port": 53, "protocol": "udp",
+                                                                  "state": "absent"}], prune=False, check=True)
+    assert res["changed"] is True and res["stats"]["path"] == "incremental"
+    assert res["diff"]["changed"][0]["backends_removed"] == ["10.0.0.2:80", "10.0.0.3:80"]
+    assert res["diff"]["removed"][0]["service"] == "[fd00::53]:53/UDP"
+    assert world.ops == [] and world.store == before and world.locked == 1
+
+
+def test_incremental_falls_back_to_the_full_path_when_the_index_is_not_trusted(world):
+    sync(world, BASE[:2])
+    one = [S4("x", "10.96.9.9", 80, ["10.0.0.9"])]
+    assert sync(world, one, prune=False)["stats"]["path"] == "incremental"
+    # a writer died half way: flags cleared
+    raw = world.store["kln_lb_index"][lb._IDX_KEY]
+    world.store["kln_lb_index"][lb._IDX_KEY] = struct.pack("=I", 0) + raw[4:]
+    res = sync(world, [S4("y", "10.96.9.10", 80, ["10.0.0.9"])], prune=False)
+    assert res["stats"]["path"] == "full" and res["changed"] is True
+    assert [r["service"] for r in res["table"]] == ["10.96.9.10:80/TCP"]       # still only what was listed
+    assert _index_is_exact(world)
+    # a map recreated (new map id): the index describes another map
+    world.info["kln_lb4_svc"] = dict(world.info["kln_lb4_svc"], id=999)
+    assert sync(world, one, prune=False)["stats"]["path"] == "full"
+    assert sync(world, one, prune=False)["stats"]["path"] == "incremental"
+    # the maps emptied behind the index's back (same ids): point lookups see it and take the full path
+    del world.store["kln_lb4_backend"][lb.S["lb_backend_key"].pack(1)]
+    res = sync(world, [S4("web", "10.96.0.10", 80, ["10.0.0.1", "10.0.0.4"])], prune=False)
+    assert res["stats"]["path"] == "full"
+    assert slot_backends(world, "10.96.0.10", 80) == [("10.0.0.1", 80, 1), ("10.0.0.4", 80, 2)]
+    assert _index_is_exact(world)
+
+
+def test_incremental_failure_half_way_leaves_the_index_invalid(world, monkeypatch):
+    sync(world, BASE)
+    put = world.put
+
+    def failing(name, k, v):
+        if name == "kln_lb4_svc":
+            raise OSError(errno.ENOMEM, "injected", name)
+        put(name, k, v)
+    monkeypatch.setattr(world, "put", failing)
+    with pytest.raises(OSError):
+        lb.sync("/fake/maps", [S4("x", "10.96.9.9", 80, ["10.0.0.9"])], prune=False)
+    monkeypatch.setattr(world, "put", put)
+    maps = world.maps_class()("/fake/maps")
+    assert lb._read_index(maps) is None
+    maps.close()
+    res = sync(world, [S4("x", "10.96.9.9", 80, ["10.0.0.9"])], prune=False)
+    assert res["stats"]["path"] == "full" and _index_is_exact(world)
+
+
+INC_BAD = [
+    ("absent_with_backends", [{"vip": "10.96.0.10", "port": 80, "state": "absent", "backends": [{"ip": "10.0.0.1"}]}],
+     r"services\[0\]\.backends: a service with state absent is removed; it takes no backends"),
+    ("state", [dict(S4("web", "10.96.0.10", 80, []), state="gone")], r"services\[0\]\.state: must be present or absent"),
+    ("dup_absent", [S4("web", "10.96.0.10", 80, []), {"vip": "10.96.0.10", "port": 80, "state": "absent"}],
+     r"services\[1\]: duplicate service 10\.96\.0\.10:80/TCP - services\[0\] \(web\) already declares it"),
+    ("svc_full", [S4("s%d" % i, "10.96.7.%d" % i, 80, ["10.0.0.1", "10.0.0.2"]) for i in range(1, 12)],
+     r"IPv4 services need \d+ entries in kln_lb4_svc .* holds 40"),
+    ("backends_full", [S4("big", "10.96.7.7", 80, ["10.0.1.%d" % i for i in range(1, 12)])],
+     r"distinct IPv4 backends but kln_lb4_backend holds 16"),
+    ("maglev_full", [S4("m%d" % i, "10.96.8.%d" % i, 80, ["10.0.0.1"], algorithm="maglev") for i in range(1, 4)],
+     r"more Maglev services than kln_lb_maglev holds \(2 with table size 1021"),
+]
+
+
+@pytest.mark.parametrize("services,pattern", [b[1:] for b in INC_BAD], ids=[b[0] for b in INC_BAD])
+def test_incremental_bad_input_writes_nothing(world, services, pattern):
+    world.info["kln_lb4_svc"]["max_entries"] = 40
+    world.info["kln_lb4_backend"]["max_entries"] = 16
+    world.info["kln_lb_maglev"]["max_entries"] = 3 * 2 * M
+    sync(world, BASE)
+    world.reset_log()
+    before = dict((n, dict(v)) for n, v in world.store.items())
+    with pytest.raises(lb.LbError, match=pattern):
+        lb.sync("/fake/maps", services, prune=False)
+    assert world.ops == [] and world.store == before
+
+
+def test_absent_entries_with_prune_true_are_removed(world):
+    sync(world, BASE)
+    res = sync(world, BASE[:3] + [{"vip": "fd00::53", "port": 53, "protocol": "udp", "state": "absent", "name": "dns6",
+                                   "namespace": "kube-system"}])
+    assert res["stats"]["path"] == "full"
+    assert res["diff"]["removed"][0]["name"] == "kube-system/dns6"
+    assert res["services"] == 3
+
+
+def test_journal_survives_a_torn_line_and_ignores_an_older_generation(tmp_path):
+    state = str(tmp_path / "services.json")
+    lb._write_state(state, lb.normalize(BASE[:1]))
+    x = lb.normalize([S4("x", "10.96.9.9", 80, ["10.0.0.9"])])[0]
+    lb._journal(state, [x], [])
+    lb._journal(state, [], [("10.96.0.10", 80, "tcp")])
+    assert [s["name"] for s in lb.load_state(state)] == ["x"]
+    with open(state + ".journal", "a") as f:
+        f.write('{"generation": 1, "upsert": {"vip": "10.9')          # a crash in the middle of a line
+    assert [s["name"] for s in lb.load_state(state)] == ["x"]
+    # a state file rewritten but the journal not yet removed (a crash in between): its lines are older
+    lb._write_state(state, lb.normalize(BASE[:2]))
+    with open(state + ".journal", "w") as f:
+        f.write(json.dumps({"generation": 2, "remove": ["10.96.0.11", 443, "tcp"]}) + "\n")
+        f.write(json.dumps({"generation": 1, "remove": ["10.96.0.10", 80, "tcp"]}) + "\n")
+    assert [s["name"] for s in lb.load_state(state)] == ["web"]
