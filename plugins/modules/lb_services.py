@@ -24,7 +24,15 @@ description:
     service uses, session-affinity entries of changed services).
   - Every service is validated (and the maps' capacity checked) before the first write; bad input
     fails the task with the offending field named and the maps untouched.
-  - Services in the maps that are not listed are removed (O(prune=true), the default).
+  - With O(prune=true) (the default) O(services) is the whole table - services in the maps that are
+    not listed are removed - and every run reads all the maps (a full sync; it also repairs entries it
+    finds wrong).
+  - With O(prune=false) O(services) lists only what changes - services to add or change, and services to
+    remove with O(services[].state=absent) - and every other service stays as it is. This path reads and
+    writes only the listed services, by point lookups, through an index kept in two userspace-only maps
+    (C(kln_lb_bidx), C(kln_lb_index)); its cost grows with the change, not with the table (about 1 ms for
+    one service among 10,000, see C(docs/performance.md)). When that index cannot be trusted (never built,
+    a map recreated, a writer that did not finish) the run takes the full path, which rebuilds it.
   - Backends that leave every service have their connected UDP sockets destroyed in every network
     namespace of the node (C(ss -K); the socket is disconnected - a pending C(recv) fails with
     C(ECONNABORTED), a C(send) with C(EDESTADDRREQ) - and the application connects again through
@@ -39,9 +47,16 @@ options:
     default: []
     suboptions:
       name:
-        description: Service name (reported in diffs and C(netstack lb list)).
+        description: Service name (reported in diffs and C(netstack lb list)). Required unless O(services[].state=absent).
         type: str
-        required: true
+      state:
+        description:
+          - V(absent) removes the service (known by O(services[].vip), O(services[].port) and
+            O(services[].protocol); a service not in the maps is no change). It takes no backends; its
+            algorithm and affinity fields are not used.
+        type: str
+        choices: [present, absent]
+        default: present
       namespace:
         description: Namespace, for reporting.
         type: str
@@ -90,7 +105,9 @@ options:
             type: int
             default: 1
   prune:
-    description: Remove services found in the maps that O(services) does not list.
+    description:
+      - V(true) - O(services) is the whole table; remove services found in the maps that it does not list.
+      - V(false) - change only the services listed (incremental); RV(table) then holds only those.
     type: bool
     default: true
   map_dir:
@@ -145,11 +162,29 @@ EXAMPLES = r"""
           - {ip: 10.244.1.2}
           - {ip: 10.244.2.2}
   diff: true
+
+- name: Change one service and remove another, leaving the rest of the table as it is
+  kldload.netstack.lb_services:
+    prune: false
+    services:
+      - name: web
+        namespace: production
+        vip: 10.96.0.10
+        port: 80
+        backends:
+          - {ip: 10.244.1.5, port: 8080, weight: 50}
+          - {ip: 10.244.2.7, port: 8080, weight: 50}
+      - vip: 10.96.0.53
+        port: 53
+        protocol: udp
+        state: absent
 """
 
 RETURN = r"""
 table:
-  description: The service table in the maps after the change, like C(cilium bpf lb list).
+  description:
+    - The service table in the maps after the change (in check mode, as it is now), like C(cilium bpf lb list).
+    - With O(prune=false), only the services listed in O(services).
   returned: always
   type: list
   elements: dict
@@ -185,10 +220,12 @@ service_changes:
   type: list
   elements: dict
 stats:
-  description: Entries written and deleted, bpf() calls made and seconds taken.
+  description:
+    - Entries written and deleted, bpf() calls made, seconds taken, and the path taken - V(full) (every map
+      read) or V(incremental) (O(prune=false) with a valid index).
   returned: always
   type: dict
-  sample: {updates: 110010, deletes: 0, calls: 5, seconds: 0.41}
+  sample: {updates: 110010, deletes: 0, calls: 5, seconds: 0.41, path: full}
 udp_sockets_destroyed:
   description: Connected UDP sockets destroyed because their backend left every service.
   returned: always
@@ -203,8 +240,9 @@ from ansible_collections.kldload.netstack.plugins.module_utils.bpfsys import Bpf
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            services=dict(type="list", elements="dict", default=[], options=dict(
-                name=dict(type="str", required=True),
+            services=dict(type="list", elements="dict", default=[], required_if=[("state", "present", ("name",))], options=dict(
+                name=dict(type="str"),
+                state=dict(type="str", choices=["present", "absent"], default="present"),
                 namespace=dict(type="str", default="default"),
                 vip=dict(type="str", required=True),
                 port=dict(type="int", required=True),
@@ -245,8 +283,6 @@ def main():
     except (BpfError, OSError) as e:
         module.fail_json(msg="writing the maps in %s failed: %s" % (p["map_dir"], e))
     table = res["table"]
-    if table is None:  # check mode with changes: the table as it is now
-        table = lb.table(p["map_dir"], p["state_file"])
     out = dict(changed=res["changed"], table=table, table_text=lb.format_table(table).splitlines(),
                added=res["diff"]["added"], removed=res["diff"]["removed"], service_changes=res["diff"]["changed"],
                stats=res["stats"], udp_sockets_destroyed=destroyed[0])

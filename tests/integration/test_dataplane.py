@@ -131,6 +131,41 @@ def test_lb_services_four_times_and_traffic(lab, node):
     assert out["backends"] == {} and out["errors"]
 
 
+def test_incremental_change_four_times_and_traffic(lab, node):
+    """prune=false: one service changed and one removed by point lookups; the other left alone."""
+    host, cg = node
+    ips = _ips(lab)
+    lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg))
+    lab.module(host, "kldload.netstack.lb_services", _lb_args(_services(ips)))       # full sync: builds the index
+    lab.sh(host, "rm -f %s.journal" % STATE)
+    web = dict(_services(ips)[0], backends=[{"ip": ips[0], "port": PORT, "weight": 1}])
+    change = [web, {"vip": "10.96.254.2", "port": 80, "state": "absent"}]
+    first, applied, again, recheck = lab.four_times(host, "kldload.netstack.lb_services",
+                                                    _lb_args(change, prune=False))
+    for res in (first, applied, again, recheck):
+        assert res["stats"]["path"] == "incremental", res["stats"]
+    assert first["changed"] is True
+    assert [c["service"] for c in first["service_changes"]] == ["%s:80/TCP" % VIP]
+    assert [r["service"] for r in first["removed"]] == ["10.96.254.2:80/TCP"]
+    assert [r["service"] for r in applied["table"]] == ["%s:80/TCP" % VIP]          # only the listed services
+    # what a client sees: web on one backend only, dns untouched, the removed VIP no longer answered by the LB
+    tcp = _probe(lab, host, cg, VIP, 80, count=20)
+    assert tcp["errors"] == {} and list(tcp["backends"]) == ["%s:%d" % (ips[0], PORT)]
+    udp = _probe(lab, host, cg, VIP, 53, proto="udp", count=20)
+    assert udp["errors"] == {} and len(udp["backends"]) == len(ips)
+    gone = _probe(lab, host, cg, "10.96.254.2", 80, count=2)
+    assert gone["backends"] == {} and "Operation not permitted" not in gone["errors"]
+    # the journal holds the change; a full sync of the same table finds nothing to do
+    assert len(lab.sh(host, "cat %s.journal" % STATE).stdout.splitlines()) == 2
+    whole = [web, _services(ips)[1]]
+    assert lab.module(host, "kldload.netstack.lb_services", _lb_args(whole), check=True)["changed"] is False
+    # bad input on this path: an error naming the field, nothing written
+    bad = [dict(web, backends=[{"ip": ips[0], "port": PORT, "weight": 0}])]
+    res = lab.module(host, "kldload.netstack.lb_services", _lb_args(bad, prune=False), expect_fail=True)
+    assert "services[0] (web).backends[0].weight: must be > 0" in res["msg"]
+    assert lab.module(host, "kldload.netstack.lb_services", _lb_args(whole), check=True)["changed"] is False
+
+
 def test_change_one_backend_and_maglev_stability(lab, node):
     host, cg = node
     ips = _ips(lab)

@@ -1020,8 +1020,8 @@ def test_incremental_check_mode_writes_nothing(world):
     sync(world, BASE)
     world.reset_log()
     before = dict((n, dict(v)) for n, v in world.store.items())
-    res = sync(world, [S4("web", "10.96.0.10", 80, ["10.0.0.1"]), {"vip": "fd00::53", "port": 53, "protocol": "udp",
-                                                                  "state": "absent"}], prune=False, check=True)
+    gone = {"vip": "fd00::53", "port": 53, "protocol": "udp", "state": "absent"}
+    res = sync(world, [S4("web", "10.96.0.10", 80, ["10.0.0.1"]), gone], prune=False, check=True)
     assert res["changed"] is True and res["stats"]["path"] == "incremental"
     assert res["diff"]["changed"][0]["backends_removed"] == ["10.0.0.2:80", "10.0.0.3:80"]
     assert res["diff"]["removed"][0]["service"] == "[fd00::53]:53/UDP"

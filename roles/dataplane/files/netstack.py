@@ -52,20 +52,12 @@ def cmd_lb_list(args):
         print(lb.format_table(rows))
 
 
-def _services(cfg):
-    try:
-        with open(cfg["state_file"]) as f:
-            return json.load(f).get("services", [])
-    except (OSError, ValueError):
-        return []
-
-
 def cmd_restore(_args):
     cfg = _config()
     t0 = time.time()
     routes = sync_routes(cfg.get("routes", []), check=False)
     res = bpfprog.ensure(os.path.join(cfg["pin_path"], cfg["name"]), cfg["object"], cfg["attach"], cfg.get("maps", {}))
-    svc = lb.sync(cfg["map_dir"], _services(cfg), prune=True, maglev_m=cfg.get("maglev_table_size", lb.DEFAULT_MAGLEV_M),
+    svc = lb.sync(cfg["map_dir"], lb.load_state(cfg["state_file"]), prune=True, maglev_m=cfg.get("maglev_table_size", lb.DEFAULT_MAGLEV_M),
                   state_file=cfg["state_file"])
     print("netstack: dataplane restored in %.2fs: programs %s, %d services %s, routes %s"
           % (time.time() - t0, "reloaded" if res["changed"] else "already in place", svc["services"],
