@@ -552,15 +552,7 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
     for bk in cur_backends:
         if bk not in needed:
             counts[bk[0]] += 1      # deleted only after the writes
-    for fam in (4, 6):
-        cap = maps.info["kln_lb%d_backend" % fam]["max_entries"]
-        n = counts[fam]
-        if n > cap:
-            raise LbError("services: %d distinct IPv%d backends but kln_lb%d_backend holds %d (raise the map size)"
-                          % (n, fam, fam, cap))
-    if counts[4] + counts[6] > maps.info["kln_lb_bidx"]["max_entries"]:
-        raise LbError("services: %d distinct backends but kln_lb_bidx holds %d (raise the map size)"
-                      % (counts[4] + counts[6], maps.info["kln_lb_bidx"]["max_entries"]))
+    _check_backend_capacity(maps, counts)
 
     used_sids = set(s["id"] for s in keep.values())
     plan_sid = {}
@@ -664,6 +656,18 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
     stats["seconds"] = round(time.time() - t0, 4)
     return {"changed": True, "diff": diff, "table": _table(after, names), "stats": stats,
             "services": len(after)}
+
+
+def _check_backend_capacity(maps, counts):
+    """``counts``: {family: backends in the maps at the fullest moment of the change}."""
+    for fam in (4, 6):
+        cap = maps.info["kln_lb%d_backend" % fam]["max_entries"]
+        if counts[fam] > cap:
+            raise LbError("services: %d distinct IPv%d backends but kln_lb%d_backend holds %d (raise the map size)"
+                          % (counts[fam], fam, fam, cap))
+    if counts[4] + counts[6] > maps.info["kln_lb_bidx"]["max_entries"]:
+        raise LbError("services: %d distinct backends but kln_lb_bidx holds %d (raise the map size)"
+                      % (counts[4] + counts[6], maps.info["kln_lb_bidx"]["max_entries"]))
 
 
 def _maglev_full(maglev_cap, maglev_m):
@@ -1002,17 +1006,10 @@ def _update(maps, desired, absent, check, maglev_m, state_file, on_backends_gone
         backend_at.cache[(fam, bid)] = bk[1:]
         bids[bk] = bid
         nxt[fam] = bid + 1 if bid < 0xFFFFFFFF else 1
-    new_by_fam = {4: 0, 6: 0}
+    counts = dict(idx["backends"])          # the backends that go are deleted only after the writes
     for bk in fresh:
-        new_by_fam[bk[0]] += 1
-    for fam in (4, 6):
-        cap = maps.info["kln_lb%d_backend" % fam]["max_entries"]
-        if idx["backends"][fam] + new_by_fam[fam] > cap:
-            raise LbError("services: %d distinct IPv%d backends but kln_lb%d_backend holds %d (raise the map size)"
-                          % (idx["backends"][fam] + new_by_fam[fam], fam, fam, cap))
-    if idx["backends"][4] + idx["backends"][6] + len(fresh) > maps.info["kln_lb_bidx"]["max_entries"]:
-        raise LbError("services: %d distinct backends but kln_lb_bidx holds %d (raise the map size)"
-                      % (idx["backends"][4] + idx["backends"][6] + len(fresh), maps.info["kln_lb_bidx"]["max_entries"]))
+        counts[bk[0]] += 1
+    _check_backend_capacity(maps, counts)
 
     # ---- service ids: kept, or taken from the bitmap (ids of removed services are freed after the writes) ----
     bitmap = idx["service_ids"]
@@ -1069,7 +1066,8 @@ def _update(maps, desired, absent, check, maglev_m, state_file, on_backends_gone
         upd["kln_lb_config"] = [(S["lb_config_key"].pack(0), S["lb_config"].pack(maglev_m, 0))]
     for bk in sorted(fresh):
         _queue_backend(upd, bk, bids[bk])
-    after = dict((k, current[k]) for k in want if k not in set(rewrite))
+    rewritten = set(rewrite)
+    after = dict((k, current[k]) for k in want if k not in rewritten)
     for key in rewrite:
         after[key] = _queue_service(key, want[key], current.get(key), plan_sid[key], bids, maglev_m, upd, masters, stale)
     for key in gone_keys:
@@ -1091,7 +1089,7 @@ def _update(maps, desired, absent, check, maglev_m, state_file, on_backends_gone
     maps.update("kln_lb_index", [(_IDX_KEY, _pack_index(maps, IDX_F_VALID, svc_entries, backends, nxt, bitmap))])
     stats["calls"] += 1
     if state_file:
-        _journal(state_file, [s for k, s in sorted(want.items()) if k in set(rewrite)], gone_keys)
+        _journal(state_file, [want[k] for k in rewrite], gone_keys)
     if on_backends_gone and gone:
         on_backends_gone([(ip, port) for _f, ip, port in sorted(gone)])
     stats["seconds"] = round(time.time() - t0, 4)
