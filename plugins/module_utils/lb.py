@@ -486,7 +486,7 @@ def sync(mapdir, services, prune=True, check=False, maglev_m=DEFAULT_MAGLEV_M, s
                     return res
             res = _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t0, absent)
             if not prune:
-                listed = set(_names(dict((svc_key(s), s) for s in desired)))
+                listed = set(svc_label(svc_key(s)) for s in desired)
                 res["table"] = [r for r in res["table"] if r["service"] in listed]
             return res
         finally:
@@ -641,12 +641,12 @@ def _sync(maps, desired, prune, check, maglev_m, state_file, on_backends_gone, t
     after = dict((k, current[k]) for k in list(want) + list(keep) if k not in rewritten)
     for key in rewrite:
         after[key] = _queue_service(key, want[key], current.get(key), plan_sid[key], bids, maglev_m, upd, masters, stale)
-    dels = {}
+    rm_masters = {}
     for key in gone_keys:
-        _queue_removal(key, current[key], masters, dels)
+        _queue_removal(key, current[key], rm_masters, stale)
     gone = dict((bk, cur_backends[bk]) for bk in gone_backends)
     touched = set(current[k]["id"] for k in gone_keys) | set(current[k]["id"] for k in rewrite if k in current)
-    _write(maps, upd, masters, stale, dels, gone, touched, stats)
+    _write(maps, upd, masters, rm_masters, stale, gone, touched, stats)
     _write_index(maps, after, stats)
     if state_file:
         _write_state(state_file, list(want.values()) + [prev_state[k] for k in keep if k in prev_state])
@@ -738,21 +738,21 @@ def _queue_service(key, s, cur, sid, bids, maglev_m, upd, masters, stale):
             "backends": rows, "stale_slots": [], "algorithm": s["algorithm"]}
 
 
-def _queue_removal(key, cur, masters, dels):
-    """Queue a removed service: its master (deleted first) and its slots."""
+def _queue_removal(key, cur, rm_masters, stale):
+    """Queue a removed service: its master (deleted first) and its slots (deleted with the stale ones)."""
     fam = _fam(key[0])
     vp = _packed(key[0])
     proto = PROTOCOLS.get(key[2], 0)
     smap = "kln_lb%d_svc" % fam
-    dels.setdefault("rm_" + smap, []).append(_pkey(fam, vp, key[1], 0, proto))
-    dels.setdefault(smap, []).extend(
+    rm_masters.setdefault(smap, []).append(_pkey(fam, vp, key[1], 0, proto))
+    stale.setdefault(smap, []).extend(
         _pkey(fam, vp, key[1], n, proto) for n in sorted(set(range(1, cur["count"] + 1)) | set(cur["stale_slots"])))
 
 
-def _write(maps, upd, masters, stale, dels, gone, touched, stats):
+def _write(maps, upd, masters, rm_masters, stale, gone, touched, stats):
     """The writes in commit order: config, backends, slots, Maglev halves, masters (the commit of every
-    rewritten service); then stale slots, removed masters (the service disappears at once) and what they
-    referred to, backends no service uses any more, and the affinity entries of changed services."""
+    rewritten service); then removed masters (the service disappears at once), stale slots and the slots
+    of removed services, backends no service uses any more, and the affinity entries of changed services."""
     def do(op, name, items):
         if items:
             stats["calls"] += (maps.update if op == "update" else maps.delete)(name, items)
@@ -762,11 +762,9 @@ def _write(maps, upd, masters, stale, dels, gone, touched, stats):
     for name in ("kln_lb4_svc", "kln_lb6_svc"):
         do("update", name, masters.get(name, []))
     for name in ("kln_lb4_svc", "kln_lb6_svc"):
+        do("delete", name, rm_masters.get(name, []))
+    for name in ("kln_lb4_svc", "kln_lb6_svc"):
         do("delete", name, stale.get(name, []))
-    for name in ("kln_lb4_svc", "kln_lb6_svc"):
-        do("delete", name, dels.get("rm_" + name, []))
-    for name in ("kln_lb4_svc", "kln_lb6_svc"):
-        do("delete", name, dels.get(name, []))
     for fam in (4, 6):
         do("delete", "kln_lb%d_backend" % fam,
            [S["lb_backend_key"].pack(bid) for bk, bid in sorted(gone.items()) if bk[0] == fam])
@@ -1061,7 +1059,7 @@ def _update(maps, desired, absent, check, maglev_m, state_file, on_backends_gone
 
     # ---- writes, in commit order; the index last ----
     _invalidate_index(maps, stats)
-    upd, masters, stale, dels = {}, {}, {}, {}
+    upd, masters, rm_masters, stale = {}, {}, {}, {}
     if set_m:
         upd["kln_lb_config"] = [(S["lb_config_key"].pack(0), S["lb_config"].pack(maglev_m, 0))]
     for bk in sorted(fresh):
@@ -1071,10 +1069,10 @@ def _update(maps, desired, absent, check, maglev_m, state_file, on_backends_gone
     for key in rewrite:
         after[key] = _queue_service(key, want[key], current.get(key), plan_sid[key], bids, maglev_m, upd, masters, stale)
     for key in gone_keys:
-        _queue_removal(key, current[key], masters, dels)
+        _queue_removal(key, current[key], rm_masters, stale)
     touched = set(current[k]["id"] for k in current if (k in gone_keys or k in rewrite)
                   and current[k]["flags"] & SVC_F_AFFINITY)
-    _write(maps, upd, masters, stale, dels, gone, touched, stats)
+    _write(maps, upd, masters, rm_masters, stale, gone, touched, stats)
     bidx_upd = [(_bidx_key(bk), S["lb_bidx"].pack(bids[bk], n)) for bk, n in sorted(refs.items()) if n > 0]
     bidx_del = [_bidx_key(bk) for bk in sorted(gone)]
     stats["calls"] += maps.update("kln_lb_bidx", bidx_upd) + maps.delete("kln_lb_bidx", bidx_del)
