@@ -113,50 +113,10 @@ def config_flags(config, names=CONFIG_FLAGS):
     return dict((k, config.get(k, "n")) for k in names)
 
 
-# -- mounts ---------------------------------------------------------------------------------------
+# -- mounts (module_utils/mounts.py; re-exported here until every caller imports mounts) ------------
 
-def _unescape(path):
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
-
-
-def parse_mountinfo(text):
-    """[(mount point, fstype, source, options)] from /proc/self/mountinfo text, in table order."""
-    mounts = []
-    for line in text.splitlines():
-        if " - " not in line:
-            continue
-        left, right = line.split(" - ", 1)
-        lf, rf = left.split(), right.split()
-        if len(lf) < 6 or len(rf) < 2:
-            continue
-        mounts.append((_unescape(lf[4]), rf[0], _unescape(rf[1]), lf[5]))
-    return mounts
-
-
-def read_mounts(path="/proc/self/mountinfo"):
-    with open(path) as f:
-        return parse_mountinfo(f.read())
-
-
-def bpf_mounts(mounts):
-    """Mount points of bpf filesystems, each once, in table order."""
-    seen = []
-    for m in mounts:
-        if m[1] == "bpf" and m[0] not in seen:
-            seen.append(m[0])
-    return seen
-
-
-def cgroup2_path(mounts):
-    """The cgroup v2 mount point: /sys/fs/cgroup on unified hosts, often /sys/fs/cgroup/unified on
-    hybrid ones. Detected from the mount table, never assumed. None if cgroup2 is not mounted."""
-    paths = [m[0] for m in mounts if m[1] == "cgroup2"]
-    if not paths:
-        return None
-    for preferred in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
-        if preferred in paths:
-            return preferred
-    return sorted(paths, key=len)[0]
+from ansible_collections.kldload.netstack.plugins.module_utils.mounts import (  # noqa: E402,F401 pylint: disable=unused-import
+    bpf_mounts, cgroup2_path, parse_mountinfo, read_mounts)
 
 
 # -- WireGuard probe ------------------------------------------------------------------------------
