@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2015,SC2016,SC2317  # pass() never fails; $$ and $0 are for the inner sh; cleanup runs from trap
-# Self-test of the socket load balancer programs (bpf/). Run as root:
+# Self-test of the eBPF objects (bpf/), through the collection's own loader and map writer
+# (plugins/module_utils/loader.py and lb/, driven by tools/lbctl.py). Run as root:
 #   bash bpf/selftest.sh
-# Builds, mounts a PRIVATE bpffs, creates the maps (some with non-default sizes),
-# loads + pins the programs with bpftool, attaches all 8 hooks to a PRIVATE cgroup
-# v2 directory, starts two python backends on loopback, fills the maps for a few
-# services and runs clients inside the cgroup. Everything is removed at exit.
+# Builds every object that has a manifest, runs each through the verifier and holds it against its
+# manifest, mounts a PRIVATE bpffs, loads the socket LB and a second object (tests/peek.c) that
+# shares a map with it into a PRIVATE cgroup v2 directory, starts two python backends on loopback,
+# programs services with the writer the modules use, runs clients inside the cgroup, and migrates
+# a shared map to a (test-only) new layout version. Everything is removed at exit.
 # Only loopback traffic: every client socket is bound to device lo.
 # Prints PASS/FAIL lines; exit status = number of failures (capped at 100).
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
-OBJ=$HERE/build/sock_lb.o
+BUILD=$HERE/build
 LBCTL="python3 $HERE/tools/lbctl.py"
 CLIENT=$HERE/tools/lbtest_client.py
 FAILS=0
-ATTACHED=()
 BACKEND_PIDS=()
 T=""
 CG=""
 BPFFS=""
+ROOT=""
 WATCHDOG=""
 
 pass() { echo "PASS: $*"; }
@@ -27,11 +29,8 @@ die() { fail "$*"; exit 1; }
 
 cleanup() {
 	set +e
-	local a p
-	for a in "${ATTACHED[@]}"; do
-		# shellcheck disable=SC2086
-		bpftool cgroup detach "$CG" $a
-	done
+	local p
+	[ -n "$ROOT" ] && [ -d "$ROOT" ] && $LBCTL unload "$ROOT" >/dev/null
 	for p in "${BACKEND_PIDS[@]}"; do kill "$p" 2>/dev/null; done
 	for p in "${BACKEND_PIDS[@]}"; do wait "$p" 2>/dev/null; done
 	if [ -n "$CG" ] && [ -d "$CG" ]; then
@@ -53,26 +52,27 @@ for t in bpftool clang python3 curl findmnt; do
 	command -v $t >/dev/null || die "$t not installed"
 done
 
-# Hard time bound: the whole test stops itself after 55 s.
-(sleep 55 && kill -TERM $$) 2>/dev/null &
+# Hard time bound: the whole test stops itself after 90 s.
+(sleep 90 && kill -TERM $$) 2>/dev/null &
 WATCHDOG=$!
 
-# no "." anywhere in the path: libbpf turns "." into "_" in pin paths
+# no "." anywhere in the path: bpffs refuses dots in names
 T=$(mktemp -d /tmp/netstack-bpf-selftest-XXXXXX)
 BPFFS=$T/bpffs
-MAPS=$BPFFS/maps
-PROGS=$BPFFS/progs
+ROOT=$BPFFS/kldload-netstack
+G=$ROOT/globals
+py() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 # ---- build ------------------------------------------------------------------------
 if make -s -C "$HERE" >"$T/make.log" 2>&1; then
-	pass "build: make -C bpf -> build/sock_lb.o ($(clang --version | head -1))"
+	pass "build: make -C bpf -> $(cd "$BUILD" && find . -name '*.o' | sort | tr '\n' ' ')($(clang --version | head -1))"
 else
 	cat "$T/make.log"
 	die "build"
 fi
 
 # ---- layouts: header py: formats vs BTF of the object ---------------------------------
-bpftool btf dump file "$OBJ" >"$T/btf.txt" || die "bpftool btf dump"
+bpftool btf dump file "$BUILD/sock_lb.o" >"$T/btf.txt" || die "bpftool btf dump"
 bad=""
 while read -r name _fmt size; do
 	btf=$(sed -n "s/^\[[0-9]*\] STRUCT '$name' size=\([0-9]*\) .*/\1/p" "$T/btf.txt")
@@ -82,57 +82,49 @@ done < <($LBCTL layout)
 [ -z "$bad" ] && pass "layout: every py: struct format in lib/lb_structs.h matches the BTF size" \
 	|| fail "layout mismatch:$bad"
 
-# ---- private bpffs, probe load (verifier + map specs) ---------------------------------
+# ---- every object: verifier + manifest (what `make -C bpf verify` runs) --------------------
+while read -r line; do
+	case $line in PASS:*) echo "$line" ;; *) echo "FAIL: $line"; FAILS=$((FAILS + 1)) ;; esac
+done < <($LBCTL verify "$BUILD" "$BUILD/tests" 2>&1)
+
+# ---- private bpffs and cgroup; both objects through the loader ---------------------------
 mkdir -p "$BPFFS"
 mount -t bpf bpf "$BPFFS" || die "mount private bpffs"
-if bpftool prog loadall "$OBJ" "$BPFFS/probe" pinmaps "$BPFFS/probemaps" 2>"$T/load.log"; then
-	pass "verifier: all $(find "$BPFFS/probe" -type f | wc -l) programs load on kernel $(uname -r) (bpftool loadall ... pinmaps)"
-else
-	tail -40 "$T/load.log"
-	die "probe load"
-fi
-bad=""
-while read -r name typ k v n flags; do
-	got=$(bpftool -j map show pinned "$BPFFS/probemaps/$name" | python3 -c \
-		'import json,sys; m=json.load(sys.stdin); print(m["type"], m["bytes_key"], m["bytes_value"], m["max_entries"], m["flags"])')
-	[ "$got" = "$typ $k $v $n $flags" ] || bad="$bad $name(object: $got; lbctl: $typ $k $v $n $flags)"
-done < <($LBCTL maps)
-[ -z "$bad" ] && pass "maps: object's map specs match tools/lbctl.py" || fail "map spec mismatch:$bad"
-rm -rf "$BPFFS/probe" "$BPFFS/probemaps"
-
-# ---- loader path: create maps with chosen sizes, then load programs against them ------
-M=251 # Maglev table size per half (prime)
-mkdir -p "$MAPS"
-maparg=()
-while read -r name typ k v n flags; do
-	bpftool map create "$MAPS/$name" type "$typ" key "$k" value "$v" entries "$n" \
-		name "$name" flags "$flags" || die "map create $name"
-	maparg+=(map name "$name" pinned "$MAPS/$name")
-done < <($LBCTL maps --size kln_lb4_svc=1024 --size kln_lb6_svc=1024 --size kln_lb4_revnat=4096 \
-	--size kln_lb6_revnat=4096 --size kln_lb_affinity=1024 --size kln_lb_maglev=$((16 * 2 * M)))
-bpftool prog loadall "$OBJ" "$PROGS" "${maparg[@]}" 2>"$T/load.log" || { tail -40 "$T/load.log"; die "load against pre-created maps"; }
-svc_id=$(bpftool -j map show pinned "$MAPS/kln_lb4_svc" | python3 -c 'import json,sys; m=json.load(sys.stdin); print(m["id"], m["max_entries"])')
-prog_maps=$(bpftool -j prog show pinned "$PROGS/kln_connect4" | python3 -c 'import json,sys; print(" ".join(map(str, json.load(sys.stdin)["map_ids"])))')
-case " $prog_maps " in
-*" ${svc_id% *} "*) [ "${svc_id#* }" = 1024 ] && pass "load-time sizes: connect4 uses the loader's kln_lb4_svc (max_entries 1024, default 65536)" \
-	|| fail "kln_lb4_svc max_entries ${svc_id#* }" ;;
-*) fail "connect4 does not use the pre-created kln_lb4_svc (maps $prog_maps, svc $svc_id)" ;;
-esac
-
-# ---- private cgroup, attach the 8 hooks -------------------------------------------
 CG2=$(findmnt -n -o TARGET -t cgroup2 | head -1)
 [ -n "$CG2" ] || die "no cgroup2 mount"
-CG=$CG2/netstack-bpf-selftest.$$
+CG=$CG2/netstack-bpf-selftest-$$
 mkdir "$CG" || die "mkdir $CG"
-for h in connect4:kln_connect4 sendmsg4:kln_sendmsg4 recvmsg4:kln_recvmsg4 getpeername4:kln_getpeer4 \
-	connect6:kln_connect6 sendmsg6:kln_sendmsg6 recvmsg6:kln_recvmsg6 getpeername6:kln_getpeer6; do
-	a="${h%%:*} pinned $PROGS/${h#*:}"
-	# shellcheck disable=SC2086
-	bpftool cgroup attach "$CG" $a || die "attach $a"
-	ATTACHED+=("$a")
-done
+M=251 # Maglev table size per half (prime)
+spec() { # spec SOCK_LB_OBJECT PEEK_OBJECT
+	cat <<EOF
+{"objects": [
+ {"name": "sock_lb", "object": "$1", "targets": {"cgroup": "$CG"},
+  "maps": {"kln_lb4_svc": 1024, "kln_lb6_svc": 1024, "kln_lb4_revnat": 4096, "kln_lb6_revnat": 4096,
+           "kln_lb_affinity": 1024, "kln_lb_maglev": $((16 * 2 * M))}},
+ {"name": "peek", "object": "$2", "targets": {"cgroup": "$CG"}}]}
+EOF
+}
+spec "$BUILD/sock_lb.o" "$BUILD/tests/peek.o" >"$T/load.json"
+if $LBCTL load "$ROOT" "$T/load.json" >"$T/load.out" 2>&1; then
+	pass "loader: sock_lb and peek loaded and attached to $CG from their manifests ($(py 'len(d["actions"])' <"$T/load.out") actions)"
+else
+	cat "$T/load.out"
+	die "loader: load"
+fi
+$LBCTL report "$ROOT" >"$T/report.json"
+n=$(py 'len(d["objects"]["sock_lb"]["attachments"]) + len(d["objects"]["peek"]["attachments"])' <"$T/report.json")
+[ "$n" = 9 ] && pass "attach: 8 socket LB hooks + 1 peek hook, every one a pinned BPF link" || fail "attach: $n links"
 n=$(bpftool cgroup show "$CG" | grep -c kln_)
-[ "$n" = 8 ] && pass "attach: 8 hooks on private cgroup $CG" || fail "attach: $n hooks listed"
+[ "$n" = 9 ] && pass "bpftool cgroup show lists the 9 programs on the private cgroup" || fail "bpftool cgroup show: $n programs"
+shared=$(py '" ".join(str(d["globals"]["kln_lb_config_v1"]["id"] in d["objects"][o]["programs"][p]["map_ids"]) for o, p in (("sock_lb", "kln_connect4"), ("peek", "kln_peek_egress")))' <"$T/report.json")
+[ "$shared" = "True True" ] && pass "shared map: globals/kln_lb_config_v1 is the one map of sock_lb's kln_connect4 and of peek's program" \
+	|| fail "shared map not shared: $shared"
+size=$(py 'd["globals"]["kln_lb4_svc_v1"]["max_entries"]' <"$T/report.json")
+[ "$size" = 1024 ] && pass "load-time sizes: globals/kln_lb4_svc_v1 has 1024 entries (default 65536)" || fail "kln_lb4_svc_v1 size $size"
+[ -e "$ROOT/sock_lb/maps/kln_lb4_revnat" ] && [ ! -e "$G/kln_lb4_revnat_v1" ] \
+	&& pass "private map: kln_lb4_revnat stays with its object (sock_lb/maps/)" || fail "kln_lb4_revnat not private"
+again=$($LBCTL load "$ROOT" "$T/load.json" 2>&1 | py 'd["changed"]')
+[ "$again" = False ] && pass "loader: the same load again changes nothing" || fail "loader: second load changed: $again"
 
 # ---- backends on loopback --------------------------------------------------------
 for b in b1 b2; do
@@ -144,35 +136,25 @@ read -r B1T B1U <"$T/b1.ports" || die "backend b1 did not start"
 read -r B2T B2U <"$T/b2.ports" || die "backend b2 did not start"
 echo "backends: b1 tcp $B1T udp $B1U, b2 tcp $B2T udp $B2U (127.0.0.1 and ::1)"
 
-# ---- services -----------------------------------------------------------------------
-# ids: 1 VIP:80/tcp  2 VIP:53/udp  3 empty .11:80/tcp  9 empty .11:53/udp
-#      4 [fd00:96::10]:80/tcp  5 [fd00:96::10]:53/udp  6 maglev .12:53/udp
-#      7 weighted .13:80/tcp (weights 0,1)  8 affinity .14:80/tcp
-spec() {
+# ---- services, written by the lb_services module's writer (lb.sync) ----------------------
+services() { # services MAGLEV_BACKENDS_JSON
 	cat <<EOF
-{"config": {"maglev_m": $M},
- "backends4": {"1": "127.0.0.1:$B1T", "2": "127.0.0.1:$B2T", "3": "127.0.0.1:$B1U", "4": "127.0.0.1:$B2U"},
- "backends6": {"1": "[::1]:$B1T", "2": "[::1]:$B2T", "3": "[::1]:$B1U", "4": "[::1]:$B2U"},
- "services": [
-  {"id": 1, "vip": "10.96.0.10", "port": 80, "proto": "tcp", "backends": [1, 2]},
-  {"id": 2, "vip": "10.96.0.10", "port": 53, "proto": "udp", "backends": [3, 4]},
-  {"id": 3, "vip": "10.96.0.11", "port": 80, "proto": "tcp", "backends": []},
-  {"id": 9, "vip": "10.96.0.11", "port": 53, "proto": "udp", "backends": []},
-  {"id": 4, "vip": "fd00:96::10", "port": 80, "proto": "tcp", "backends": [1, 2]},
-  {"id": 5, "vip": "fd00:96::10", "port": 53, "proto": "udp", "backends": [3, 4]},
-  {"id": 6, "vip": "10.96.0.12", "port": 53, "proto": "udp", "backends": [3, 4], "alg": "maglev", "rev": 1},
-  {"id": 7, "vip": "10.96.0.13", "port": 80, "proto": "tcp", "backends": [1, 2], "alg": "weighted", "weights": [0, 1]},
-  {"id": 8, "vip": "10.96.0.14", "port": 80, "proto": "tcp", "backends": [1, 2], "affinity": 60}
- ]}
+[{"name": "web", "vip": "10.96.0.10", "port": 80, "backends": [{"ip": "127.0.0.1", "port": $B1T}, {"ip": "127.0.0.1", "port": $B2T}]},
+ {"name": "dns", "vip": "10.96.0.10", "port": 53, "protocol": "udp", "backends": [{"ip": "127.0.0.1", "port": $B1U}, {"ip": "127.0.0.1", "port": $B2U}]},
+ {"name": "empty", "vip": "10.96.0.11", "port": 80},
+ {"name": "empty-udp", "vip": "10.96.0.11", "port": 53, "protocol": "udp"},
+ {"name": "web6", "vip": "fd00:96::10", "port": 80, "backends": [{"ip": "::1", "port": $B1T}, {"ip": "::1", "port": $B2T}]},
+ {"name": "dns6", "vip": "fd00:96::10", "port": 53, "protocol": "udp", "backends": [{"ip": "::1", "port": $B1U}, {"ip": "::1", "port": $B2U}]},
+ {"name": "maglev", "vip": "10.96.0.12", "port": 53, "protocol": "udp", "algorithm": "maglev", "backends": $1},
+ {"name": "weighted", "vip": "10.96.0.13", "port": 80, "backends": [{"ip": "127.0.0.1", "port": $B1T, "weight": 1}, {"ip": "127.0.0.1", "port": $B2T, "weight": 60000}]},
+ {"name": "affinity", "vip": "10.96.0.14", "port": 80, "affinity_timeout": 60, "backends": [{"ip": "127.0.0.1", "port": $B1T}, {"ip": "127.0.0.1", "port": $B2T}]}]
 EOF
 }
-spec >"$T/spec.json"
-$LBCTL batch "$MAPS" "$T/spec.json" >"$T/batch.txt" || die "lbctl batch"
-if bpftool batch file "$T/batch.txt" >"$T/batch.log" 2>&1; then
-	pass "maps filled: $(wc -l <"$T/batch.txt") bpftool batch updates (backends, slots, maglev, master last)"
+services "[{\"ip\": \"127.0.0.1\", \"port\": $B1U}, {\"ip\": \"127.0.0.1\", \"port\": $B2U}]" >"$T/services.json"
+if out=$($LBCTL sync "$G" "$T/services.json" $M 2>&1); then
+	pass "maps filled by lb.sync, the writer of the lb_services module: $out"
 else
-	tail -5 "$T/batch.log"
-	die "bpftool batch"
+	die "lb.sync: $out"
 fi
 
 # ---- clients inside the cgroup --------------------------------------------------------
@@ -211,24 +193,62 @@ incg curl -sS --max-time 5 --interface lo http://10.96.0.11/ >/dev/null 2>&1
 rc=$? ms=$((($(date +%s%N) - t0) / 1000000))
 [ $rc = 7 ] && [ $ms -lt 2000 ] && pass "0 backends: curl fails at once (exit 7 after $ms ms)" || fail "0 backends: curl rc $rc after $ms ms"
 EXPECT="peer=127.0.0.1:$B1T backends=b1$" check "non-VIP destination untouched" tcp 127.0.0.1 "$B1T"
-EXPECT='backends=(b2,){7}b2$' check "weighted 0:1 -> b2 only" tcp 10.96.0.13 80 8
+# weights 1:60000 - b1 gets one connect in 60,001; 16 connects with more than one b1 would be a bug
+EXPECT='^peer=\S+ backends=(b2,)*(b1,)?(b2,)*b2$' check "weighted 1:60000 -> (almost) only b2" tcp 10.96.0.13 80 16
 EXPECT='backends=(b1,){11}b1$|backends=(b2,){11}b2$' check "session affinity (netns, 60 s) -> one backend for 12 connects" tcp 10.96.0.14 80 12
 EXPECT='backends=(b1,){7}b1$|backends=(b2,){7}b2$' check "Maglev: one socket's 8 datagrams -> one backend" udp 10.96.0.12 53 8
 
-# Maglev commit: write the other table half (rev 2 -> half 0) holding only the
-# backend the check above did NOT get, then the master (commit point), then the
-# stale slot 2 is deleted. A new socket must now land on that backend.
-case $out in *b1) other=b2 other_id=4 ;; *) other=b1 other_id=3 ;; esac
-cat >"$T/spec2.json" <<EOF
-{"config": {"maglev_m": $M}, "services": [
- {"id": 6, "vip": "10.96.0.12", "port": 53, "proto": "udp", "backends": [$other_id], "alg": "maglev", "rev": 2, "prev_count": 2}]}
-EOF
-$LBCTL batch "$MAPS" "$T/spec2.json" >"$T/batch2.txt" && bpftool batch file "$T/batch2.txt" >/dev/null 2>&1 \
-	|| fail "maglev update batch"
-EXPECT="backends=($other,){7}$other\$" check "Maglev update (new half, master rev 2 last, slot 2 deleted) -> $other only" udp 10.96.0.12 53 8
+# Maglev commit: the writer fills the other table half (rev+1) holding only the backend the check
+# above did NOT get, then the master (commit point), then deletes the stale slot. A new socket must
+# now land on that backend.
+case $out in *b1) other=b2 port=$B2U ;; *) other=b1 port=$B1U ;; esac
+services "[{\"ip\": \"127.0.0.1\", \"port\": $port}]" >"$T/services2.json"
+$LBCTL sync "$G" "$T/services2.json" $M >/dev/null || fail "Maglev update: lb.sync"
+EXPECT="backends=($other,){7}$other\$" check "Maglev update (new half, master last, stale slot deleted) -> $other only" udp 10.96.0.12 53 8
 
-n=$(bpftool -j map dump pinned "$MAPS/kln_lb4_revnat" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
-[ "$n" -gt 0 ] && pass "reverse map kln_lb4_revnat has $n socket entries" || fail "reverse map empty"
+n=$(bpftool -j map dump pinned "$ROOT/sock_lb/maps/kln_lb4_revnat" | py 'len(d)')
+[ "$n" -gt 0 ] && pass "reverse map sock_lb/maps/kln_lb4_revnat has $n socket entries" || fail "reverse map empty"
+
+# ---- the second object read the shared map the socket LB's writer wrote --------------------
+seen=$(bpftool -j map dump pinned "$ROOT/peek/maps/kln_peek_seen" | py '" ".join(str(e["formatted"]["value"] if "formatted" in e else int.from_bytes(bytes(int(b, 16) for b in e["value"]), "little")) for e in d)')
+case $seen in "$M "[1-9]*) pass "peek saw maglev_m=$M in the shared kln_lb_config (packets counted: ${seen#* })" ;;
+*) fail "peek did not see the shared config: $seen" ;; esac
+
+# ---- shared maps: a different layout is refused, a declared migration is carried out ----------
+mkdir -p "$T/v2"
+cp "$BUILD/tests/peek.o" "$T/v2/peek.o"
+sed 's/"key_size": 4, "value_size": 8, "max_entries": 1, "flags": 0, "shared": true/"key_size": 4, "value_size": 16, "max_entries": 1, "flags": 0, "shared": true/' \
+	"$BUILD/tests/peek.manifest.json" >"$T/v2/peek.manifest.json"
+printf '{"objects": [{"name": "peek", "object": "%s", "targets": {"cgroup": "%s"}}]}\n' "$T/v2/peek.o" "$CG" >"$T/bad.json"
+out=$($LBCTL load "$ROOT" "$T/bad.json" 2>&1)
+case $out in *"kln_lb_config_v1 is pinned as array key 4 value 8 flags 0 but object peek declares layout version 1 as array key 4 value 16"*)
+	pass "a shared map of another layout is refused, naming both: ${out#lbctl: }" ;;
+*) fail "layout mismatch not refused: $out" ;; esac
+# a test-only layout bump: kln_lb_config version 2 (same bytes), migrated by 'copy'
+for o in sock_lb peek; do
+	src=$BUILD/$o; [ $o = peek ] && src=$BUILD/tests/$o
+	cp "$src.o" "$T/v2/$o.o"
+	python3 - "$src.manifest.json" "$T/v2/$o.manifest.json" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+m["maps"]["kln_lb_config"].update(version=2, migrations={"1": "copy"})
+json.dump(m, open(sys.argv[2], "w"))
+PY
+done
+printf '{"objects": [{"name": "peek", "object": "%s", "targets": {"cgroup": "%s"}}]}\n' "$T/v2/peek.o" "$CG" >"$T/peek2.json"
+out=$($LBCTL load "$ROOT" "$T/peek2.json" 2>&1)
+case $out in *"not part of this run, use it"*) pass "migrating a shared map another loaded object uses is refused: ${out#lbctl: }" ;;
+*) fail "migration with a user left behind not refused: $out" ;; esac
+spec "$T/v2/sock_lb.o" "$T/v2/peek.o" >"$T/load2.json"
+if out=$($LBCTL load "$ROOT" "$T/load2.json" 2>&1) && echo "$out" | grep -q "migrate shared map kln_lb_config_v1 -> kln_lb_config_v2 (copy)"; then
+	pass "layout version 2: kln_lb_config migrated (copy), both objects reloaded against it"
+else
+	fail "migration: $out"
+fi
+m2=$(bpftool -j map dump pinned "$G/kln_lb_config_v2" | py 'd[0]["formatted"]["value"]["maglev_m"] if "formatted" in d[0] else int.from_bytes(bytes(int(b, 16) for b in d[0]["value"][:4]), "little")')
+[ "$m2" = $M ] && [ ! -e "$G/kln_lb_config_v1" ] && pass "the migrated map holds maglev_m=$m2, version 1 is unpinned" \
+	|| fail "after migration: maglev_m=$m2, v1 present: $([ -e "$G/kln_lb_config_v1" ] && echo yes || echo no)"
+EXPECT='b1.*b2|b2.*b1' check "after the migration the socket LB still answers" tcp 10.96.0.10 80 16
 
 echo "---"
 if [ $FAILS = 0 ]; then echo "selftest: all checks passed"; else echo "selftest: $FAILS check(s) FAILED"; fi

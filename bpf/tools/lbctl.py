@@ -1,25 +1,15 @@
-"""Encode kldload.netstack socket-LB map entries as a `bpftool batch` file.
+"""A thin command line over the collection's own loader and map writer, for bpf/selftest.sh and
+`make -C bpf verify` on a development machine. It adds no loading or encoding of its own: every
+command calls plugins/module_utils (loader.py, manifest.py, lb/) - the code the modules and the
+node command run.
 
-Reference/test tool for bpf/ (used by selftest.sh); the Ansible module side will
-reuse the same encoding. The struct layouts are NOT repeated here: they are read
-from the "py:" lines of bpf/lib/lb_structs.h (the single source of truth).
-
-  python3 lbctl.py layout                     struct name, Python format, size
-  python3 lbctl.py maps [--size NAME=N ...]   map specs: name type key value entries flags
-  python3 lbctl.py batch MAPDIR SPEC.json     bpftool batch lines, in commit order
-
-SPEC.json:
-  {"config": {"maglev_m": 251},
-   "backends4": {"1": "127.0.0.1:8080"}, "backends6": {"1": "[::1]:8080"},
-   "services": [{"id": 1, "vip": "10.96.0.10", "port": 80, "proto": "tcp",
-                 "backends": [1, 2], "alg": "random|maglev|weighted",
-                 "weights": [1, 3], "affinity": 0, "rev": 1, "prev_count": 0}]}
-
-Write order per service (see bpf/README.md): backends (all first), slots
-1..count, Maglev half (rev & 1), master slot 0 LAST, then deletion of slots
-count+1..prev_count.
+  python3 lbctl.py layout                      struct name, Python format, size (the header's py: lines)
+  python3 lbctl.py verify DIR [DIR ...]        every object with a manifest in DIR: verifier + manifest check
+  python3 lbctl.py load ROOT SPEC.json         loader.ensure(): SPEC {"objects": [{name, object, targets|attach, maps}]}
+  python3 lbctl.py unload ROOT                 loader.ensure(state=absent) of everything under ROOT
+  python3 lbctl.py sync MAPDIR SERVICES.json [MAGLEV_M]   lb.sync() of a whole service table
+  python3 lbctl.py report ROOT                 what is pinned under ROOT (JSON)
 """
-import ipaddress
 import json
 import os
 import re
@@ -28,15 +18,9 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "..", "lib", "lb_structs.h")
-
-ALG = {"random": 0, "maglev": 1, "weighted": 2}
-SVC_F_AFFINITY = 0x01
-PROTO = {"tcp": 6, "udp": 17}
-
-# The map specs and the Maglev table come from the collection's own library (the module side), so
-# the selftest exercises the code the modules run. .collections/ is made by scripts/setup.sh.
+# .collections/ is made by scripts/setup.sh: the repository as ansible_collections.kldload.netstack
 sys.path.insert(0, os.path.join(HERE, "..", "..", ".collections"))
-from ansible_collections.kldload.netstack.plugins.module_utils.lb import MAPS, maglev_table as _maglev  # noqa: E402
+from ansible_collections.kldload.netstack.plugins.module_utils import lb, loader, manifest  # noqa: E402
 
 
 def load_layout(path=HEADER):
@@ -51,113 +35,61 @@ def load_layout(path=HEADER):
     return out
 
 
-L = load_layout()
+def verify(dirs):
+    fails = 0
+    for d in dirs:
+        for obj, _mpath in manifest.find(d):
+            try:
+                spec = loader.object_spec(os.path.basename(obj)[:-2], obj)
+                probed = loader._probe_checked(spec, None)  # pylint: disable=protected-access
+            except (loader.ProgError, manifest.ManifestError) as e:
+                print(f"FAIL: {obj}: {e}")
+                fails += 1
+                continue
+            print(f"PASS: {os.path.relpath(obj)}: {len(probed['programs'])} programs pass the verifier, "
+                  f"{len(probed['maps'])} maps as its manifest declares")
+    return fails
 
 
-def hexb(b):
-    return " ".join(f"{x:02x}" for x in b)
-
-
-def port_b(p):
-    return int(p).to_bytes(2, "big")
-
-
-def addr_port(s):
-    """'1.2.3.4:80' or '[::1]:80' -> (ip_address, port)."""
-    m = re.fullmatch(r"\[(.+)\]:(\d+)|([^:]+):(\d+)", s)
-    if not m:
-        raise SystemExit(f"bad address {s!r}")
-    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-    return ipaddress.ip_address(host), int(port)
-
-
-def maglev_table(ids, weights, m):
-    return _maglev([(str(b), b, w) for b, w in zip(ids, weights)], m)
-
-
-def svc_key(fam, vip, port, slot, proto):
-    if fam == 4:
-        return L["lb4_key"].pack(vip.packed, port_b(port), slot, proto)
-    return L["lb6_key"].pack(vip.packed, port_b(port), slot, proto)
-
-
-def batch(mapdir, spec):
-    lines = []
-
-    def upd(name, key, val):
-        lines.append(f"map update pinned {mapdir}/{name} key hex {hexb(key)} value hex {hexb(val)}")
-
-    cfg = spec.get("config")
-    if cfg:
-        upd("kln_lb_config", L["lb_config_key"].pack(0), L["lb_config"].pack(cfg.get("maglev_m", 0), 0))
-    maglev_m = (cfg or {}).get("maglev_m", 0)
-    for fam in (4, 6):
-        for bid, ap in spec.get(f"backends{fam}", {}).items():
-            ip, port = addr_port(ap)
-            if ip.version != fam:
-                raise SystemExit(f"backend {bid} {ap}: not IPv{fam}")
-            val = L[f"lb{fam}_backend"].pack(ip.packed, port_b(port), 0, 0)
-            upd(f"kln_lb{fam}_backend", L["lb_backend_key"].pack(int(bid)), val)
-    for s in spec.get("services", []):
-        vip = ipaddress.ip_address(s["vip"])
-        fam = vip.version
-        smap = f"kln_lb{fam}_svc"
-        proto = PROTO[s["proto"]]
-        ids = [int(b) for b in s.get("backends", [])]
-        weights = [int(w) for w in s.get("weights", [1] * len(ids))]
-        alg = ALG[s.get("alg", "random")]
-        rev = int(s.get("rev", 1))
-        sid = int(s["id"])
-        cum = 0
-        for slot, (bid, w) in enumerate(zip(ids, weights), start=1):
-            cum += w
-            val = L["lb_service"].pack(bid, 0, sid, 0, 0, cum if alg == ALG["weighted"] else 0, 0, 0)
-            upd(smap, svc_key(fam, vip, s["port"], slot, proto), val)
-        if alg == ALG["maglev"]:
-            if not maglev_m:
-                raise SystemExit("maglev service needs config.maglev_m")
-            base = (sid * 2 + (rev & 1)) * maglev_m
-            for i, bid in enumerate(maglev_table(ids, weights, maglev_m)):
-                upd("kln_lb_maglev", L["lb_maglev_key"].pack(base + i), L["lb_maglev_val"].pack(bid))
-        flags = SVC_F_AFFINITY if s.get("affinity") else 0
-        master = L["lb_service"].pack(0, len(ids), sid, alg, flags,
-                                      cum if alg == ALG["weighted"] else 0,
-                                      int(s.get("affinity", 0)), rev)
-        upd(smap, svc_key(fam, vip, s["port"], 0, proto), master)  # commit point
-        for slot in range(len(ids) + 1, int(s.get("prev_count", 0)) + 1):
-            lines.append(f"map delete pinned {mapdir}/{smap} key hex {hexb(svc_key(fam, vip, s['port'], slot, proto))}")
-    return lines
+def load(root, spec_path):
+    with open(spec_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    objects = [loader.object_spec(o["name"], o["object"], attach=o.get("attach"), targets=o.get("targets"),
+                                  map_sizes=o.get("maps")) for o in spec["objects"]]
+    res = loader.ensure(root, objects, prune=spec.get("prune", False))
+    print(json.dumps({"changed": res["changed"], "actions": res["actions"]}, indent=1))
 
 
 def main(argv):
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    if argv[0] == "layout":
-        for name, st in L.items():
-            print(name, st.format, st.size)
-        return 0
-    if argv[0] == "maps":
-        sizes = {}
-        args = argv[1:]
-        while args:
-            if args[0] != "--size" or len(args) < 2:
-                raise SystemExit("usage: lbctl.py maps [--size NAME=N ...]")
-            k, v = args[1].split("=", 1)
-            if k not in MAPS:
-                raise SystemExit(f"unknown map {k}")
-            sizes[k] = int(v)
-            args = args[2:]
-        for name, (typ, k, v, n, flags) in MAPS.items():
-            print(name, typ, L[k].size, L[v].size, sizes.get(name, n), flags)
-        return 0
-    if argv[0] == "batch" and len(argv) == 3:
-        with open(argv[2], encoding="utf-8") as f:
-            spec = json.load(f)
-        print("\n".join(batch(argv[1], spec)))
-        return 0
-    print(__doc__, file=sys.stderr)
-    return 2
+    cmd, args = argv[0], argv[1:]
+    try:
+        if cmd == "layout" and not args:
+            for name, st in load_layout().items():
+                print(name, st.format, st.size)
+        elif cmd == "verify" and args:
+            return min(verify(args), 100)
+        elif cmd == "load" and len(args) == 2:
+            load(*args)
+        elif cmd == "unload" and len(args) == 1:
+            print(json.dumps(loader.ensure(args[0], [], state="absent", prune=True)["actions"]))
+        elif cmd == "sync" and len(args) in (2, 3):
+            with open(args[1], encoding="utf-8") as f:
+                services = json.load(f)
+            m = int(args[2]) if len(args) == 3 else lb.DEFAULT_MAGLEV_M
+            res = lb.sync(args[0], services, maglev_m=m)
+            print(json.dumps({"changed": res["changed"], "stats": res["stats"]}))
+        elif cmd == "report" and len(args) == 1:
+            print(json.dumps(loader.report(args[0]), indent=1, sort_keys=True))
+        else:
+            print(__doc__, file=sys.stderr)
+            return 2
+    except (loader.ProgError, lb.LbError, OSError) as e:
+        print(f"lbctl: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

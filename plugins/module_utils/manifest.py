@@ -159,11 +159,13 @@ def _map(m, mw, mname):
 
 
 def from_probe(name, probed):
-    """A manifest for an object that has none: its maps private, its programs with no default target."""
+    """A manifest for an object that has none (``probed``: {programs, maps} as loaded): every map
+    private, the programs with no default target (they are attached only where the caller says)."""
     maps = dict((n, {"type": i["type"], "key_size": i["key_size"], "value_size": i["value_size"],
                      "max_entries": i["max_entries"], "flags": i["flags"], "shared": False, "version": 1,
-                     "migrations": {}, "layout": ""}) for n, i in probed["maps"].items())
-    return {"object": name, "description": "", "programs": {}, "maps": maps, "implicit": True}
+                     "migrations": {}, "layout": ""}) for n, i in probed["maps"].items() if i)
+    progs = dict((n, {"attach": None, "target": None, "family": None}) for n in probed["programs"])
+    return {"object": name, "description": "", "programs": progs, "maps": maps, "implicit": True}
 
 
 def map_pin(root, obj_name, map_name, spec):

@@ -15,37 +15,41 @@ version_added: 0.1.0
 description:
   - Loads every program of a compiled eBPF object (C(clang -target bpf)) with C(bpftool prog loadall)
     (libbpf does the relocations; the node needs no compiler and no kernel headers), against maps this
-    module creates first with the sizes you ask for, and pins everything under
-    C(<pin_path>/<name>) - C(maps/<map>), C(progs_<sha256 prefix>/<program>) and C(links/<link>).
+    module creates first with the sizes you ask for, and pins everything under O(pin_path) -
+    C(<name>/maps/<map>) for the object's private maps, C(<name>/progs_<version>/<program>),
+    C(<name>/links/<link>), and C(globals/<map>_v<version>) for the maps its manifest declares shared.
+  - The object's manifest (C(<object without .o>.manifest.json) next to it, see C(bpf/README.md)) says
+    which maps are shared with other objects and where each program attaches. A shared map is pinned once
+    and reused by every object that declares it; one pinned with another type, key or value size or flags is
+    an error naming both; one pinned in an older layout version is migrated when the manifest declares how,
+    else refused. An object without a manifest keeps all its maps private.
   - Attaches programs with BPF links (C(BPF_LINK_CREATE)) to a cgroup v2 directory (the socket and
     cgroup hooks), to the tcx ingress/egress of a network device (kernel 6.6+), or to a device's XDP
-    hook. The pinned link keeps the attachment after the module exits and across program upgrades.
-  - A new version of the object (a different file content) is loaded next to the running one and
-    swapped in with C(BPF_LINK_UPDATE) (atomic per hook, with the old program as the expected one), so
-    no hook is ever left without a program. The map contents are kept. Only then are the old
-    programs unpinned.
-  - A map whose size (or layout) differs from the wanted one is created anew (its contents are lost;
-    re-fill it afterwards, for example with M(kldload.netstack.lb_services)); the programs are loaded
-    against the new map before the links are switched.
-  - Before anything is changed, the object is loaded once into a private, temporary bpffs; a verifier
-    failure fails the task with the verifier's message and changes nothing. This also runs in check
-    mode (it is discarded at once), but is skipped when the pinned version is already this object.
-  - If a step fails, the steps already made by this run are undone (links switched back, created
-    links and maps unpinned).
-  - O(state=absent) unpins the links (which detaches them), the programs and the maps, and removes
-    the directory.
+    hook - where O(attach) says, or where the manifest says for O(targets). The pinned link keeps the
+    attachment after the module exits and across program upgrades.
+  - A new version of the object (a different file content, sizes or manifest) is loaded next to the running
+    one and swapped in with C(BPF_LINK_UPDATE) (atomic per hook, with the old program as the expected one), so
+    no hook is ever left without a program. The map contents are kept. Only then are the old programs unpinned.
+  - A map whose size differs from the wanted one is created anew (its contents are lost; re-fill it
+    afterwards, for example with M(kldload.netstack.lb_services)); the programs are loaded against the new
+    map before the links are switched.
+  - Before anything is loaded, the object is loaded once into a private, temporary bpffs; a verifier
+    failure (or a manifest that does not describe the object) fails the task with the verifier's message
+    and changes nothing. This also runs in check mode, but is skipped when the pinned version is already
+    this object.
+  - If a step fails, the steps already made by this run are undone (links switched back, created links
+    and maps unpinned).
+  - O(state=absent) unpins the object's links (which detaches them), programs and private maps; the shared
+    maps go with the last object under O(pin_path).
+  - To run the node's whole dataplane (several objects, the service table, routes) use
+    M(kldload.netstack.node_dataplane), which owns its O(pin_path); load objects of your own with this
+    module under another O(pin_path).
 options:
   name:
     description:
       - Name of this loaded object; the pin directory is C(<pin_path>/<name>).
     type: str
     required: true
-  pin_path:
-    description:
-      - Directory on a bpffs (see M(kldload.netstack.bpffs)) under which O(name) is pinned. No C(.) is
-        allowed anywhere in it (bpffs refuses dots in names).
-    type: path
-    default: /sys/fs/bpf/kldload-netstack
   object:
     description:
       - Path of the compiled object on the node. Required with O(state=present).
@@ -58,7 +62,7 @@ options:
     default: {}
   attach:
     description:
-      - The attachments wanted. Any pinned link of O(name) not listed is detached.
+      - The attachments wanted. Any pinned link of O(name) not listed is detached. Mutually exclusive with O(targets).
     type: list
     elements: dict
     default: []
@@ -85,8 +89,28 @@ options:
         type: str
         choices: [auto, native, generic, offload]
         default: auto
+  targets:
+    description:
+      - Attach every program where the object's manifest says - C(cgroup) programs to O(targets.cgroup),
+        C(device) programs to each of O(targets.devices) - instead of listing them in O(attach).
+    type: dict
+    suboptions:
+      cgroup:
+        description: The cgroup v2 directory; empty means the node's cgroup2 mount (detected).
+        type: path
+      families:
+        description: Only programs of these address families (those the manifest gives a family).
+        type: list
+        elements: int
+        choices: [4, 6]
+        default: [4, 6]
+      devices:
+        description: Network devices for the device programs.
+        type: list
+        elements: str
+        default: []
   state:
-    description: C(present) loads and attaches; C(absent) detaches and unpins everything under O(name).
+    description: C(present) loads and attaches; C(absent) detaches and unpins the object.
     type: str
     choices: [present, absent]
     default: present
@@ -99,22 +123,31 @@ notes:
 seealso:
   - module: kldload.netstack.bpffs
   - module: kldload.netstack.lb_services
+extends_documentation_fragment:
+  - kldload.netstack.dataplane
 author:
   - kldload.netstack developers (@kldload)
 """
 
 EXAMPLES = r"""
-- name: Load the socket load balancer and attach it to every socket of the node
+- name: A second socket LB instance on one cgroup, its IPv4 hooks only, where its manifest says
   kldload.netstack.bpf_program:
     name: sock_lb
+    pin_path: /sys/fs/bpf/my-test
     object: /usr/lib/kldload-netstack/bpf/sock_lb.o
     maps:
       kln_lb4_svc: 131072
+    targets:
+      cgroup: /sys/fs/cgroup/my-test
+      families: [4]
+- name: The same, attachments listed by hand
+  kldload.netstack.bpf_program:
+    name: sock_lb
+    pin_path: /sys/fs/bpf/my-test
+    object: /usr/lib/kldload-netstack/bpf/sock_lb.o
     attach:
-      - {program: kln_connect4, type: connect4, cgroup: /sys/fs/cgroup}
-      - {program: kln_sendmsg4, type: sendmsg4, cgroup: /sys/fs/cgroup}
-      - {program: kln_recvmsg4, type: recvmsg4, cgroup: /sys/fs/cgroup}
-      - {program: kln_getpeer4, type: getpeername4, cgroup: /sys/fs/cgroup}
+      - {program: kln_connect4, type: connect4, cgroup: /sys/fs/cgroup/my-test}
+      - {program: kln_sendmsg4, type: sendmsg4, cgroup: /sys/fs/cgroup/my-test}
 
 - name: An XDP program on eth0 in generic mode
   kldload.netstack.bpf_program:
@@ -131,7 +164,7 @@ EXAMPLES = r"""
 
 RETURN = r"""
 pin_dir:
-  description: The directory everything is pinned under.
+  description: The directory the object is pinned under.
   returned: always
   type: str
   sample: /sys/fs/bpf/kldload-netstack/sock_lb
@@ -144,16 +177,24 @@ actions:
   returned: always
   type: list
   elements: str
-  sample: ["load programs into /sys/fs/bpf/kldload-netstack/sock_lb/progs_51903671a747",
-           "replace program of kln_connect4 cgroup_inet4_connect cgroup /sys/fs/cgroup (link update, no gap)"]
+  sample: ["sock_lb: load programs into /sys/fs/bpf/kldload-netstack/sock_lb/progs_51903671a747",
+           "sock_lb: replace program of kln_connect4 cgroup_inet4_connect cgroup /sys/fs/cgroup (link update, no gap)"]
+version:
+  description: The pinned version of the object (sha256 prefix, plus a hash of the sizes and manifest).
+  returned: always
+  type: str
 programs:
-  description: The pinned programs by name, with kernel id, tag and type.
+  description: The pinned programs by name, with kernel id, tag, type and the ids of the maps they use.
   returned: always
   type: dict
-  sample: {kln_connect4: {id: 2961, tag: 803b34204fdd29c3, type: cgroup_sock_addr,
+  sample: {kln_connect4: {id: 2961, tag: 803b34204fdd29c3, type: cgroup_sock_addr, map_ids: [12, 13],
            pinned: /sys/fs/bpf/kldload-netstack/sock_lb/progs_51903671a747/kln_connect4}}
 maps:
-  description: The pinned maps by name, with id, type, sizes.
+  description: The object's private maps by name, with id, type, sizes.
+  returned: always
+  type: dict
+shared_maps:
+  description: The shared maps under C(<pin_path>/globals/) by pin name (C(<map>_v<version>)), with id, type, sizes.
   returned: always
   type: dict
 attachments:
@@ -173,14 +214,15 @@ verifier_log:
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.kldload.netstack.plugins.module_utils import bpfprog
+from ansible_collections.kldload.netstack.plugins.module_utils import argspec, loader
+from ansible_collections.kldload.netstack.plugins.module_utils.bpfsys import BpfError
 
 
 def main():
     module = AnsibleModule(
         argument_spec=dict(
             name=dict(type="str", required=True),
-            pin_path=dict(type="path", default=bpfprog.DEFAULT_PIN_PATH),
+            pin_path=argspec.PIN_PATH,
             object=dict(type="path"),
             maps=dict(type="dict", default={}),
             attach=dict(type="list", elements="dict", default=[], options=dict(
@@ -190,39 +232,38 @@ def main():
                 device=dict(type="str"),
                 xdp_mode=dict(type="str", choices=["auto", "native", "generic", "offload"], default="auto"),
             )),
+            targets=dict(type="dict", options=dict(
+                cgroup=dict(type="path"),
+                families=dict(type="list", elements="int", choices=[4, 6], default=[4, 6]),
+                devices=dict(type="list", elements="str", default=[]),
+            )),
             state=dict(type="str", choices=["present", "absent"], default="present"),
         ),
         required_if=[("state", "present", ["object"])],
+        mutually_exclusive=[("attach", "targets")],
         supports_check_mode=True,
     )
     p = module.params
-    if "/" in p["name"] or "." in p["name"] or not p["name"]:
-        module.fail_json(msg="name: %r must be a plain name without '/' or '.'" % p["name"])
     root = os.path.join(p["pin_path"], p["name"])
-    bpftool = module.get_bin_path("bpftool", opt_dirs=["/usr/sbin", "/sbin", "/usr/local/sbin"])
-    if p["state"] == "present" and not bpftool:
-        module.fail_json(msg="bpftool is not installed on the node (package bpftool)")
     sizes = {}
     for k, v in p["maps"].items():
         try:
             sizes[k] = int(v)
         except (TypeError, ValueError):
             module.fail_json(msg="maps.%s: max_entries must be an integer, got %r" % (k, v))
-
-    def run(argv):
-        return module.run_command(argv, check_rc=False)
-
     try:
-        res = bpfprog.ensure(root, p["object"], p["attach"], sizes, state=p["state"], check=module.check_mode,
-                             run=run, bpftool=bpftool or "bpftool")
-    except bpfprog.ProgError as e:
+        spec = loader.object_spec(p["name"], p["object"], attach=p["attach"], targets=p["targets"], map_sizes=sizes)
+        res = loader.ensure(p["pin_path"], [spec], state=p["state"], check=module.check_mode, module=module)
+    except loader.ProgError as e:
         module.fail_json(msg=str(e), verifier_log=e.details, pin_dir=root)
-    except OSError as e:
+    except (BpfError, OSError) as e:
         module.fail_json(msg="%s: %s" % (root, e), pin_dir=root)
-    out = dict(changed=res["changed"], pin_dir=root, actions=res["actions"], programs=res["report"]["programs"],
-               maps=res["report"]["maps"], attachments=res["report"]["attachments"])
-    if res.get("sha256"):
-        out["object_sha256"] = res["sha256"]
+    rep = res["report"]["objects"].get(p["name"], {"programs": {}, "maps": {}, "attachments": [], "version": []})
+    out = dict(changed=res["changed"], pin_dir=root, actions=res["actions"], programs=rep["programs"],
+               maps=rep["maps"], attachments=rep["attachments"], version=rep["version"],
+               shared_maps=res["report"]["globals"])
+    if res["sha256"].get(p["name"]):
+        out["object_sha256"] = res["sha256"][p["name"]]
     if module._diff:
         out["diff"] = dict(before=res["before"], after=res["after"])
     module.exit_json(**out)

@@ -1,9 +1,10 @@
-"""The socket load balancer on real lab nodes: bpf_program and lb_services, each run four times
-(check, apply, apply again, check again), real clients in a cgroup, bad input, a failing object,
-an upgrade without a gap, removal, and a node reboot.
+"""The socket load balancer on real lab nodes: node_dataplane, bpf_program and lb_services, each run
+four times (check, apply, apply again, check again), real clients in a cgroup, bad input, a failing
+object, an upgrade without a gap, removal, and a node reboot.
 
-A second instance (``sock_lb_test``) is loaded and attached to a private cgroup of a node, so the
-node's own dataplane (installed by install.yml) is not disturbed; the reboot test uses that one.
+A second instance (``sock_lb_test``) is loaded under its own pin root and attached to a private cgroup
+of a node, so the node's own dataplane (installed by install.yml, which owns /sys/fs/bpf/kldload-netstack)
+is not disturbed. The test servers and clients are the verify role's test tool (verify_probe.py).
 """
 import json
 import subprocess
@@ -17,8 +18,10 @@ from conftest import REPO, run_playbook
 
 OBJ = "/usr/lib/kldload-netstack/bpf/sock_lb.o"
 NAME = "sock_lb_test"
-PIN = "/sys/fs/bpf/kldload-netstack"
-MAPDIR = "%s/%s/maps" % (PIN, NAME)
+PIN = "/sys/fs/bpf/kldload-netstack-test"
+MAPDIR = "%s/globals" % PIN
+PROBE_SRC = REPO / "roles" / "dataplane" / "files" / "verify_probe.py"
+PROBE = "/usr/bin/python3 /run/netstack-test-probe.py"
 CG_NAME = "netstack-test-lb"
 STATE = "/run/netstack-test-lb/services.json"
 PORT = 18081
@@ -39,7 +42,7 @@ def node(lab):
     cg = lab.sh(host, "findmnt -n -o TARGET -t cgroup2 | head -1").stdout.strip() + "/" + CG_NAME
     _prepare(lab, lab.hosts("kube_nodes"), cg)
     yield host, cg
-    lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "state": "absent"})
+    lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "pin_path": PIN, "state": "absent"})
     lab.sh(host, "rmdir %s; rm -rf /run/netstack-test-lb" % cg, check=False)
     for h in lab.hosts("kube_nodes"):
         lab.sh(h, "systemctl stop netstack-test-echo", check=False)
@@ -49,28 +52,23 @@ def _prepare(lab, hosts, cg):
     """The private cgroup on the test node and a test server on PORT on each of hosts (again after a reboot)."""
     lab.sh(lab.hosts("kube_workers")[0], "mkdir -p %s" % cg)
     for h in hosts:  # the test servers: backends on every node
+        _scp(lab, h, PROBE_SRC, "/run/netstack-test-probe.py")
         lab.sh(h, "systemctl stop netstack-test-echo 2>/dev/null; systemd-run --unit netstack-test-echo --collect "
-                  "-p RuntimeMaxSec=900 /usr/local/sbin/netstack echo --tcp %d --udp %d --seconds 850" % (PORT, PORT))
-
-
-def _attach(cg, v6=False):
-    hooks = [("kln_connect4", "connect4"), ("kln_sendmsg4", "sendmsg4"), ("kln_recvmsg4", "recvmsg4"),
-             ("kln_getpeer4", "getpeername4")]
-    if v6:
-        hooks += [("kln_connect6", "connect6")]
-    return [{"program": p, "type": t, "cgroup": cg} for p, t in hooks]
+                  "-p RuntimeMaxSec=900 %s echo --tcp %d --udp %d --seconds 850" % (PROBE, PORT, PORT))
 
 
 def _prog_args(cg, obj=OBJ, **extra):
-    args = {"name": NAME, "object": obj, "attach": _attach(cg), "maps": {"kln_lb4_svc": 64, "kln_lb4_backend": 16}}
+    """The test instance: its IPv4 hooks on the test cgroup, where the object's manifest says."""
+    args = {"name": NAME, "pin_path": PIN, "object": obj, "targets": {"cgroup": cg, "families": [4]},
+            "maps": {"kln_lb4_svc": 64, "kln_lb4_backend": 16}}
     args.update(extra)
     return args
 
 
 def _probe(lab, host, cg, vip, port, proto="tcp", count=10, source_port=0):
     """netstack probe run inside the test cgroup; returns its JSON."""
-    cmd = ("sh -c 'echo $$ > %s/cgroup.procs && exec /usr/local/sbin/netstack probe --vip %s --port %d --proto %s "
-           "--count %d --timeout 1 --source-port %d'" % (cg, vip, port, proto, count, source_port))
+    cmd = ("sh -c 'echo $$ > %s/cgroup.procs && exec %s probe --vip %s --port %d --proto %s "
+           "--count %d --timeout 1 --source-port %d'" % (cg, PROBE, vip, port, proto, count, source_port))
     return json.loads(lab.sh(host, cmd).stdout)
 
 
@@ -95,16 +93,64 @@ def _ips(lab):
 
 def test_bpf_program_four_times(lab, node):
     host, cg = node
-    lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "state": "absent"})
+    lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "pin_path": PIN, "state": "absent"})
     first, applied, again, recheck = lab.four_times(host, "kldload.netstack.bpf_program", _prog_args(cg))
-    assert first["changed"] and any(a.startswith("load programs") for a in first["actions"])
-    assert "create map kln_lb4_svc (64 entries)" in first["actions"]
-    hooks = ["kln_connect4", "kln_getpeer4", "kln_recvmsg4", "kln_sendmsg4"]
+    assert any(a.startswith("%s: load programs" % NAME) for a in first["actions"])
+    assert "create shared map kln_lb4_svc_v1 (64 entries)" in first["actions"]
+    hooks = ["kln_connect4", "kln_getpeer4", "kln_recvmsg4", "kln_sendmsg4"]     # the manifest's IPv4 programs
     assert sorted(a["program"] for a in applied["attachments"]) == hooks
-    assert applied["maps"]["kln_lb4_svc"]["max_entries"] == 64
+    assert applied["shared_maps"]["kln_lb4_svc_v1"]["max_entries"] == 64
+    assert sorted(applied["maps"]) == ["kln_lb4_revnat", "kln_lb6_revnat"]        # private to the object
     assert again["actions"] == [] and again["diff"]["before"] == again["diff"]["after"]
     shown = lab.sh(host, "bpftool -j cgroup show %s" % cg).stdout
     assert sorted(p["name"] for p in json.loads(shown)) == hooks
+
+
+ND = "/run/netstack-test-nd"
+
+
+def test_node_dataplane_four_times_traffic_bad_input_and_removal(lab, node):
+    """The module install.yml uses, on a second pin root and cgroup: objects, services and routes from one
+    configuration, four times; real clients; bad input changes nothing; absent leaves nothing."""
+    host, cg = node
+    ips = _ips(lab)
+    cg2 = cg + "-nd"
+    lab.sh(host, "mkdir -p %s" % cg2)
+    routes = json.loads(lab.sh(host, "cat /etc/kldload-netstack/dataplane.json").stdout)["routes"]
+    assert routes, "install.yml made no direct routes"
+    args = {"pin_path": "/sys/fs/bpf/kldload-netstack-nd", "objects": [{"name": "sock_lb", "cgroup": cg2, "families": [4]}],
+            "maps": {"kln_lb4_svc": 64}, "services": _services(ips), "state_file": ND + "/services.json",
+            "config_path": ND + "/dataplane.json", "routes": routes}
+    try:
+        first, applied, again, recheck = lab.four_times(host, "kldload.netstack.node_dataplane", args)
+        assert "sock_lb: load programs into /sys/fs/bpf/kldload-netstack-nd/sock_lb/progs_" in " ".join(first["actions"])
+        assert [s["service"] for s in first["added"]] == ["%s:53/UDP" % VIP, "%s:80/TCP" % VIP, "10.96.254.2:80/TCP"]
+        assert first["routes"] == [] and '"kln_lb4_svc": 64' in first["diff"]["after"]
+        assert sorted(a["program"] for a in applied["objects"]["sock_lb"]["attachments"]) == [
+            "kln_connect4", "kln_getpeer4", "kln_recvmsg4", "kln_sendmsg4"]
+        assert json.loads(lab.sh(host, "cat %s/dataplane.json" % ND).stdout) == applied["config"]
+        tcp = _probe(lab, host, cg2, VIP, 80, count=20)
+        assert tcp["errors"] == {} and len(tcp["backends"]) == len(ips)
+        # bad input: an error naming the field, nothing changed
+        bad = dict(args, services=[dict(_services(ips)[0], backends=[{"ip": ips[0], "weight": 0}])])
+        res = lab.module(host, "kldload.netstack.node_dataplane", bad, expect_fail=True)
+        assert "services[0] (web).backends[0].weight: must be > 0" in res["msg"]
+        res = lab.module(host, "kldload.netstack.node_dataplane", dict(args, maps={"kln_nope": 8}), expect_fail=True)
+        assert "config.maps: kln_nope not a map of any object (sock_lb)" in res["msg"]
+        res = lab.module(host, "kldload.netstack.node_dataplane", dict(args, routes=[{"dst": "10.1.0.0/33", "via": ips[0]}]),
+                         expect_fail=True)
+        assert "config.routes[0].dst" in res["msg"]
+        assert lab.module(host, "kldload.netstack.node_dataplane", args, check=True)["changed"] is False
+        gone = lab.module(host, "kldload.netstack.node_dataplane", {"state": "absent", "pin_path": args["pin_path"],
+                                                                     "state_file": args["state_file"],
+                                                                     "config_path": args["config_path"]})
+        assert gone["changed"] and sorted(gone["files_removed"]) == [ND + "/dataplane.json", ND + "/services.json"]
+        assert lab.sh(host, "test -e %s" % args["pin_path"], check=False).returncode != 0
+        assert lab.sh(host, "ls %s" % ND).stdout.split() == []
+        assert "proto 193" not in lab.sh(host, "ip route").stdout           # the owned routes went with it
+    finally:
+        lab.sh(host, "netstack dataplane restore && rmdir %s" % cg2, check=False)   # the node's own dataplane back
+    assert "proto 193" in lab.sh(host, "ip route").stdout
 
 
 def test_lb_services_four_times_and_traffic(lab, node):
@@ -127,7 +173,7 @@ def test_lb_services_four_times_and_traffic(lab, node):
     empty = _probe(lab, host, cg, "10.96.254.2", 80, count=3)
     assert empty["errors"] == {"Operation not permitted": 3} and empty["seconds"] < 1
     # outside the cgroup nothing is translated (no route to the VIP: fails fast, differently)
-    out = json.loads(lab.sh(host, "/usr/local/sbin/netstack probe --vip %s --port 80 --timeout 1" % VIP).stdout)
+    out = json.loads(lab.sh(host, "%s probe --vip %s --port 80 --timeout 1" % (PROBE, VIP)).stdout)
     assert out["backends"] == {} and out["errors"]
 
 
@@ -228,8 +274,9 @@ def test_object_that_fails_verification(lab, node):
                         "-c", str(src), "-o", str(obj)], check=True)
         _scp(lab, host, obj, "/run/netstack-test-bad.o")
     before = lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg), check=True)
-    res = lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg, obj="/run/netstack-test-bad.o"),
-                     expect_fail=True)
+    bad = dict(_prog_args(cg, obj="/run/netstack-test-bad.o"), targets=None,      # no manifest: attach by hand
+               attach=[{"program": "kln_connect4", "type": "connect4", "cgroup": cg}])
+    res = lab.module(host, "kldload.netstack.bpf_program", bad, expect_fail=True)
     assert "does not load (verifier or libbpf error)" in res["msg"]
     assert "invalid mem access" in res["verifier_log"] or "R1 invalid" in res["verifier_log"], res["verifier_log"][-2000:]
     after = lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg), check=True)
@@ -246,11 +293,15 @@ def test_upgrade_swaps_programs_without_detaching(lab, node):
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(["make", "-s", "-C", str(REPO / "bpf"), "BUILD=%s" % tmp, "EXTRA_CFLAGS=-DLB4_REVNAT_MAP_SIZE=262143"],
                        check=True)
+        man = json.loads((Path(tmp) / "sock_lb.manifest.json").read_text())
+        man["maps"]["kln_lb4_revnat"]["max_entries"] = 262143      # the new build's manifest says what it holds
+        (Path(tmp) / "sock_lb.manifest.json").write_text(json.dumps(man))
         _scp(lab, host, Path(tmp) / "sock_lb.o", "/run/netstack-test-v2.o")
+        _scp(lab, host, Path(tmp) / "sock_lb.manifest.json", "/run/netstack-test-v2.manifest.json")
     res = lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg, obj="/run/netstack-test-v2.o"), diff=True)
-    assert res["changed"] and not any(a.startswith("detach") or a.startswith("attach ") for a in res["actions"])
-    assert "recreate map kln_lb4_revnat: 262144 -> 262143 entries (contents are lost)" in res["actions"]
-    assert sum(a.startswith("replace program of") for a in res["actions"]) == 4
+    assert res["changed"] and not any(": detach" in a or ": attach " in a for a in res["actions"]), res["actions"]
+    assert "%s: recreate map kln_lb4_revnat: 262144 -> 262143 entries (contents are lost)" % NAME in res["actions"]
+    assert sum(": replace program of" in a for a in res["actions"]) == 4
     old = dict((a["program"], a) for a in before["attachments"])
     for a in res["attachments"]:
         assert a["link_id"] == old[a["program"]]["link_id"]          # same links ...
@@ -263,11 +314,12 @@ def test_upgrade_swaps_programs_without_detaching(lab, node):
 def test_absent_leaves_nothing(lab, node):
     host, cg = node
     lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg))
-    res = lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "state": "absent"}, diff=True)
+    res = lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "pin_path": PIN, "state": "absent"}, diff=True)
     assert res["changed"] and res["attachments"] == []
-    assert lab.sh(host, "test -e %s/%s" % (PIN, NAME), check=False).returncode != 0
+    assert lab.sh(host, "test -e %s" % PIN, check=False).returncode != 0          # the last object: globals go too
     assert json.loads(lab.sh(host, "bpftool -j cgroup show %s" % cg).stdout.strip() or "[]") == []
-    assert lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "state": "absent"})["changed"] is False
+    assert lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "pin_path": PIN,
+                                                             "state": "absent"})["changed"] is False
 
 
 def test_node_dataplane_survives_a_reboot(lab, node):
@@ -279,7 +331,7 @@ def test_node_dataplane_survives_a_reboot(lab, node):
     assert lab.sh(host, "systemctl is-active netstack-dataplane.service").stdout.strip() == "active"
     assert lab.sh(host, "netstack lb list").stdout == listed
     status = json.loads(lab.sh(host, "netstack dataplane status --json").stdout)
-    assert len(status["attachments"]) == 8
+    assert len(status["objects"]["sock_lb"]["attachments"]) == 8
     cgroot = lab.sh(host, "findmnt -n -o TARGET -t cgroup2 | head -1").stdout.strip()
     names = sorted(p["name"] for p in json.loads(lab.sh(host, "bpftool -j cgroup show %s" % cgroot).stdout))
     assert names == sorted(["kln_connect4", "kln_connect6", "kln_getpeer4", "kln_getpeer6", "kln_recvmsg4",

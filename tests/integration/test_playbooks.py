@@ -73,17 +73,28 @@ def test_verify_fails_when_something_is_off(lab):
     run_playbook("playbooks/verify.yml", "--limit", host)
 
 
-def test_uninstall_removes_what_install_made(lab):
+def test_uninstall_removes_what_install_made_and_check_mode_works_on_fresh_nodes(lab):
     host = lab.hosts("kube_control_plane")[0]
     cg = lab.sh(host, "findmnt -n -o TARGET -t cgroup2 | head -1").stdout.strip()
     assert "kln_connect4" in lab.sh(host, "bpftool cgroup show %s" % cg).stdout
     run_playbook("playbooks/uninstall.yml", "--limit", host)
     assert lab.sh(host, "test -e /etc/sysctl.d/90-kldload-netstack.conf", check=False).returncode != 0
-    # the socket load balancer: no pinned object, no attachment, no unit, no command, no route left
+    # the dataplane: no pinned object or shared map, no attachment, no unit, command, configuration, state, route
     assert lab.sh(host, "test -e /sys/fs/bpf/kldload-netstack", check=False).returncode != 0
     assert "kln_" not in lab.sh(host, "bpftool cgroup show %s" % cg, check=False).stdout
-    assert lab.sh(host, "test -e /usr/local/sbin/netstack -o -e /etc/systemd/system/netstack-dataplane.service",
-                  check=False).returncode != 0
-    assert "10.244." not in lab.sh(host, "ip route").stdout
+    for path in ("/usr/local/sbin/netstack", "/usr/lib/kldload-netstack", "/etc/systemd/system/netstack-dataplane.service",
+                 "/etc/kldload-netstack", "/var/lib/kldload-netstack/lb"):
+        assert lab.sh(host, "test -e %s" % path, check=False).returncode != 0, path
+    routes = lab.sh(host, "ip route").stdout
+    assert "10.244." not in routes and "proto 193" not in routes
+    # "what would change" on a node without the collection: runs through, changes nothing
+    check = run_playbook("playbooks/install.yml", "--limit", host, "--check", "--diff", check=False)
+    assert check.returncode == 0 and _recap(check)[host]["failed"] == 0, check.stdout[-4000:]
+    assert _recap(check)[host]["changed"] > 0
+    assert lab.sh(host, "test -e /usr/lib/kldload-netstack", check=False).returncode != 0
+    assert lab.sh(host, "test -e /sys/fs/bpf/kldload-netstack", check=False).returncode != 0
     run_playbook("playbooks/install.yml", "--limit", host)
     assert lab.sh(host, "test -e /etc/sysctl.d/90-kldload-netstack.conf", check=False).returncode == 0
+    installed = run_playbook("playbooks/install.yml", "--limit", host, "--check", "--diff")
+    assert _recap(installed)[host]["changed"] == 0, _changed_tasks(installed)
+    assert "proto 193" in lab.sh(host, "ip route").stdout

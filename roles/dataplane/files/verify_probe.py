@@ -1,22 +1,16 @@
 # Copyright: kldload.netstack contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""netstack - the node-side command of kldload.netstack (installed by the dataplane role).
+"""verify_probe - the test server and client of the dataplane role's live checks (verify.yml) and of
+the lab tests. Not part of the product's node command: verify copies it to /run/netstack-verify/
+for the duration of the checks and removes it after.
 
-  netstack lb list [--json]            the socket load balancer's service table (like cilium bpf lb list)
-  netstack dataplane restore           load + attach the programs, program the last applied services,
-                                       install the direct routes (run at boot by netstack-dataplane.service)
-  netstack dataplane status [--json]   what is pinned and attached
-  netstack routes sync [--check]       direct routes to the other nodes' pod CIDRs (from the config)
-  netstack routes delete               remove them
-  netstack echo --tcp PORT --udp PORT [--seconds N]
-                                       test server: answers "<hostname> <client address>" (verify)
-  netstack probe --vip IP --port N [--proto tcp|udp] [--count N] [--pod NAME] [--source-port BASE]
-                                       test client; prints JSON {backends: {name: n}, clients: [...], ...}
-  netstack pod add|delete NAME [--address A/32]
-                                       a pod-like netns + cgroup on this node, for probes (verify)
-
-Configuration: /etc/kldload-netstack/dataplane.json (written by the role). Libraries:
-/usr/lib/kldload-netstack/python (the collection's module_utils, copied by the role).
+  verify_probe.py echo --tcp PORT --udp PORT [--seconds N]
+        test server: answers "<hostname> <backend address> <client address>"
+  verify_probe.py probe --vip IP --port N [--proto tcp|udp] [--count N] [--pod NAME --cgroup-root DIR]
+                        [--source-port BASE] [--timeout S]
+        test client; prints JSON {backends: {addr: n}, clients: [...], peers: [...], errors: {...}, flows, seconds}
+  verify_probe.py pod add|delete NAME --cgroup-root DIR [--address A/32]
+        a pod-like netns + cgroup on this node, for probes
 """
 import argparse
 import json
@@ -27,102 +21,8 @@ import subprocess
 import sys
 import time
 
-LIB = "/usr/lib/kldload-netstack/python"
-CONFIG = "/etc/kldload-netstack/dataplane.json"
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
-sys.path.insert(0, os.environ.get("NETSTACK_LIB", LIB))
 
-from ansible_collections.kldload.netstack.plugins.module_utils import bpfprog, lb  # noqa: E402
-
-
-def _config():
-    try:
-        with open(os.environ.get("NETSTACK_CONFIG", CONFIG)) as f:
-            return json.load(f)
-    except OSError as e:
-        sys.exit("netstack: cannot read %s: %s (is the dataplane role applied?)" % (CONFIG, e.strerror))
-
-
-def cmd_lb_list(args):
-    cfg = _config()
-    rows = lb.table(cfg["map_dir"], cfg.get("state_file"))
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(lb.format_table(rows))
-
-
-def cmd_restore(_args):
-    cfg = _config()
-    t0 = time.time()
-    routes = sync_routes(cfg.get("routes", []), check=False)
-    res = bpfprog.ensure(os.path.join(cfg["pin_path"], cfg["name"]), cfg["object"], cfg["attach"], cfg.get("maps", {}))
-    svc = lb.sync(cfg["map_dir"], lb.load_state(cfg["state_file"]), prune=True, maglev_m=cfg.get("maglev_table_size", lb.DEFAULT_MAGLEV_M),
-                  state_file=cfg["state_file"])
-    print("netstack: dataplane restored in %.2fs: programs %s, %d services %s, routes %s"
-          % (time.time() - t0, "reloaded" if res["changed"] else "already in place", svc["services"],
-             "written" if svc["changed"] else "already in place", "changed" if routes else "in place"))
-
-
-def cmd_status(args):
-    cfg = _config()
-    rep = bpfprog.report(os.path.join(cfg["pin_path"], cfg["name"]))
-    if args.json:
-        print(json.dumps(rep, indent=1))
-        return
-    print("programs:")
-    for n, p in sorted(rep["programs"].items()):
-        print("  %-16s id %-6d tag %s" % (n, p["id"], p["tag"]))
-    print("attachments:")
-    for a in rep["attachments"]:
-        print("  %-16s %-26s link %d%s" % (a["program"], a["type"], a["link_id"],
-                                           " ifindex %s" % a["ifindex"] if "ifindex" in a else ""))
-    print("maps:")
-    for n, m in sorted(rep["maps"].items()):
-        print("  %-16s %-9s %d entries" % (n, m["type"], m["max_entries"]))
-
-
-def sync_routes(routes, check):
-    """Make 'dst via gateway' routes exist (main table); returns the list of changes."""
-    if not routes:
-        return []
-    from pyroute2 import IPRoute
-    changes = []
-    with IPRoute() as ipr:
-        for r in routes:
-            dst, plen = r["dst"].split("/")
-            have = [x for x in ipr.get_routes(table=254, family=socket.AF_INET6 if ":" in dst else socket.AF_INET)
-                    if x.get_attr("RTA_DST") == dst and x["dst_len"] == int(plen)]
-            gws = [x.get_attr("RTA_GATEWAY") for x in have]
-            if gws == [r["via"]]:
-                continue
-            changes.append("%s via %s" % (r["dst"], r["via"]))
-            if not check:
-                ipr.route("replace", dst=dst, dst_len=int(plen), gateway=r["via"])
-    return changes
-
-
-def delete_routes(routes):
-    from pyroute2 import IPRoute
-    changes = []
-    with IPRoute() as ipr:
-        for r in routes:
-            dst, plen = r["dst"].split("/")
-            try:
-                ipr.route("del", dst=dst, dst_len=int(plen), gateway=r["via"])
-                changes.append("%s via %s" % (r["dst"], r["via"]))
-            except Exception:  # not there
-                pass
-    return changes
-
-
-def cmd_routes(args):
-    routes = _config().get("routes", [])
-    changes = delete_routes(routes) if args.sub == "delete" else sync_routes(routes, args.check)
-    print(json.dumps({"changed": bool(changes), "routes": changes}))
-
-
-# ---- test server and client (verify) -------------------------------------------------------------
 
 def cmd_echo(args):
     import selectors
@@ -184,7 +84,7 @@ def _fmt(addr):
 
 def cmd_probe(args):
     if args.pod:
-        _enter_pod(args.pod)
+        _enter_pod(args.cgroup_root, args.pod)
     res = {"backends": {}, "clients": set(), "errors": {}, "peers": set(), "flows": {}, "count": args.count}
     t0 = time.time()
     for i in range(args.count):
@@ -227,24 +127,14 @@ def cmd_probe(args):
     print(json.dumps(res, sort_keys=True))
 
 
-def _cgroup2():
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            fs = parts[parts.index("-") + 1]
-            if fs == "cgroup2":
-                return parts[4]
-    sys.exit("netstack: no cgroup2 mount")
+def _pod_cgroup(root, name):
+    return os.path.join(root, "netstack-pod-%s" % name)
 
 
-def _pod_cgroup(name):
-    return os.path.join(_cgroup2(), "netstack-pod-%s" % name)
-
-
-def _enter_pod(name):
-    cg = _pod_cgroup(name)
+def _enter_pod(root, name):
+    cg = _pod_cgroup(root, name)
     if not os.path.isdir(cg) or not os.path.exists("/run/netns/netstack-pod-%s" % name):
-        sys.exit("netstack: pod %s does not exist (netstack pod add %s)" % (name, name))
+        sys.exit("verify_probe: pod %s does not exist (verify_probe pod add %s)" % (name, name))
     with open(os.path.join(cg, "cgroup.procs"), "w") as f:
         f.write(str(os.getpid()))
     with open("/run/netns/netstack-pod-%s" % name) as f:
@@ -258,10 +148,10 @@ def _ip(*argv):
 def cmd_pod(args):
     ns = "netstack-pod-%s" % args.name
     host_if = ("np" + args.name)[:15]
-    cg = _pod_cgroup(args.name)
+    cg = _pod_cgroup(args.cgroup_root, args.name)
     if args.action == "add":
         if not args.address:
-            sys.exit("netstack: pod add needs --address A/32")
+            sys.exit("verify_probe: pod add needs --address A/32")
         addr = args.address.split("/")[0]
         if not os.path.exists("/run/netns/" + ns):
             _ip("netns", "add", ns)
@@ -277,7 +167,7 @@ def cmd_pod(args):
             _ip("route", "replace", addr + "/32", "dev", host_if)
             with open("/proc/sys/net/ipv4/ip_forward") as f:
                 if f.read().strip() != "1":
-                    sys.exit("netstack: net.ipv4.ip_forward is 0 on this node; pods cannot reach other nodes")
+                    sys.exit("verify_probe: net.ipv4.ip_forward is 0 on this node; pods cannot reach other nodes")
         os.makedirs(cg, exist_ok=True)
     else:
         if os.path.exists("/run/netns/" + ns):
@@ -288,22 +178,9 @@ def cmd_pod(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="netstack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="verify_probe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p_lb = sub.add_parser("lb").add_subparsers(dest="sub", required=True)
-    p = p_lb.add_parser("list")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_lb_list)
-    p_dp = sub.add_parser("dataplane").add_subparsers(dest="sub", required=True)
-    p_dp.add_parser("restore").set_defaults(fn=cmd_restore)
-    p = p_dp.add_parser("status")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_status)
-    p_rt = sub.add_parser("routes").add_subparsers(dest="sub", required=True)
-    p = p_rt.add_parser("sync")
-    p.add_argument("--check", action="store_true")
-    p.set_defaults(fn=cmd_routes)
-    p_rt.add_parser("delete").set_defaults(fn=cmd_routes, check=False)
     p = sub.add_parser("echo")
     p.add_argument("--tcp", type=int, action="append")
     p.add_argument("--udp", type=int, action="append")
@@ -316,18 +193,19 @@ def main(argv=None):
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--timeout", type=float, default=2.0)
     p.add_argument("--pod")
+    p.add_argument("--cgroup-root")
     p.add_argument("--source-port", type=int, default=0)
     p.set_defaults(fn=cmd_probe)
     p = sub.add_parser("pod")
     p.add_argument("action", choices=["add", "delete"])
     p.add_argument("name")
     p.add_argument("--address")
+    p.add_argument("--cgroup-root", required=True)
     p.set_defaults(fn=cmd_pod)
     args = ap.parse_args(argv)
-    try:
-        args.fn(args)
-    except (lb.LbError, bpfprog.ProgError, OSError) as e:
-        sys.exit("netstack: %s" % e)
+    if getattr(args, "pod", None) and not args.cgroup_root:
+        ap.error("--pod needs --cgroup-root")
+    args.fn(args)
 
 
 if __name__ == "__main__":

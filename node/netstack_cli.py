@@ -1,0 +1,129 @@
+# Copyright: kldload.netstack contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""netstack - the node command of kldload.netstack (one zipapp with the library it needs, built by
+`make node` and installed by the dataplane role as /usr/local/sbin/netstack).
+
+  netstack version [--json]            collection version, the objects it was built with, what is installed and pinned
+  netstack lb list [--json]            the socket load balancer's service table (like cilium bpf lb list)
+  netstack dataplane status [--json]   objects, programs, attachments, shared and private maps, routes
+  netstack dataplane restore           apply the node configuration again with the last applied service
+                                       table (what netstack-dataplane.service runs at boot)
+
+Product commands only. Later capabilities add their group here (policy, encrypt, bgp, observe) and
+a long-running node agent (`netstack agent`, flow events and endpoint watch) will be one more
+command of this unit, reading the same node configuration. Configuration:
+/etc/kldload-netstack/dataplane.json (NETSTACK_CONFIG overrides), written by the node_dataplane module.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+from ansible_collections.kldload.netstack.plugins.module_utils import lb, loader, routes, runtime
+
+BUILD_INFO = "netstack_build.json"
+
+
+def _config():
+    return runtime.read_config(os.environ.get("NETSTACK_CONFIG", runtime.CONFIG_PATH))
+
+
+def build_info():
+    """What `make node` recorded: {collection, commit, objects {name: sha256}}."""
+    try:
+        import pkgutil
+        return json.loads(pkgutil.get_data("netstack_cli", BUILD_INFO) or b"{}")
+    except (OSError, ValueError, ImportError):
+        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), BUILD_INFO)
+        if os.path.exists(here):
+            with open(here) as f:
+                return json.load(f)
+        return {"collection": "unknown (not built by make node)", "objects": {}}
+
+
+def cmd_version(args):
+    info = build_info()
+    out = {"collection": info.get("collection"), "commit": info.get("commit"), "built_objects": info.get("objects", {}),
+           "installed_objects": {}, "pinned_versions": {}}
+    try:
+        cfg = _config()
+    except runtime.ConfigError:
+        cfg = runtime.default_config()
+    for o in cfg["objects"]:
+        path = runtime.object_path(cfg, o["name"])
+        out["installed_objects"][o["name"]] = loader.file_sha256(path) if os.path.isfile(path) else None
+    for name, rep in loader.report(cfg["pin_path"])["objects"].items():
+        out["pinned_versions"][name] = rep["version"]
+    if args.json:
+        print(json.dumps(out, indent=1, sort_keys=True))
+        return
+    print("kldload.netstack %s%s" % (out["collection"], " (%s)" % out["commit"] if out["commit"] else ""))
+    for name in sorted(set(out["built_objects"]) | set(out["installed_objects"])):
+        built, inst = out["built_objects"].get(name), out["installed_objects"].get(name)
+        pinned = out["pinned_versions"].get(name) or "not loaded"
+        print("  %-10s built %s  installed %s  pinned %s%s" % (
+            name, (built or "-")[:12], (inst or "missing")[:12], pinned,
+            "" if built == inst else "  (installed object differs from this command's build)"))
+
+
+def cmd_lb_list(args):
+    cfg = _config()
+    rows = lb.table(runtime.globals_dir(cfg), cfg["lb"]["state_file"])
+    print(json.dumps(rows, indent=1) if args.json else lb.format_table(rows))
+
+
+def cmd_restore(_args):
+    t0 = time.time()
+    res = runtime.apply(_config())
+    print("netstack: dataplane restored in %.2fs: programs %s, %d services %s, routes %s"
+          % (time.time() - t0, "reloaded" if res["dataplane"]["changed"] else "already in place",
+             res["lb"]["services"], "written" if res["lb"]["changed"] else "already in place",
+             ", ".join(res["routes"]) if res["routes"] else "in place"))
+
+
+def cmd_status(args):
+    rep = runtime.status(_config())
+    if args.json:
+        print(json.dumps(rep, indent=1, sort_keys=True))
+        return
+    for name, o in sorted(rep["objects"].items()):
+        print("object %s (version %s)" % (name, o["version"]))
+        for pname, p in sorted(o["programs"].items()):
+            print("  program %-16s id %-6d tag %s" % (pname, p["id"], p["tag"]))
+        for a in o["attachments"]:
+            where = "cgroup id %s" % a["cgroup_id"] if "cgroup_id" in a else "device %s" % a.get("device")
+            print("  link    %-16s %-26s link %d, %s" % (a["program"], a["type"], a["link_id"], where))
+        for mname, m in sorted(o["maps"].items()):
+            print("  map     %-16s %-9s %d entries (private)" % (mname, m["type"], m["max_entries"]))
+    print("shared maps (%s):" % runtime.globals_dir(rep["config"]))
+    for pin, m in sorted(rep["globals"].items()):
+        print("  %-20s %-9s %d entries" % (pin, m["type"], m["max_entries"]))
+    print("services: %s" % ("unknown (maps not readable)" if rep["services"] is None else rep["services"]))
+    print("routes: %s" % (", ".join("%s via %s" % (r["dst"], r["via"]) for r in rep["config"]["routes"]) or "none"))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="netstack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("version", help="collection version and object hashes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_version)
+    p_lb = sub.add_parser("lb", help="the socket load balancer").add_subparsers(dest="sub", required=True)
+    p = p_lb.add_parser("list", help="the service table")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_lb_list)
+    p_dp = sub.add_parser("dataplane", help="the node's eBPF dataplane").add_subparsers(dest="sub", required=True)
+    p_dp.add_parser("restore", help="apply the node configuration again (boot)").set_defaults(fn=cmd_restore)
+    p = p_dp.add_parser("status", help="what is loaded and attached")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_status)
+    args = ap.parse_args(argv)
+    try:
+        args.fn(args)
+    except (runtime.ConfigError, lb.LbError, loader.ProgError, routes.RouteError, OSError) as e:
+        sys.exit("netstack: %s" % e)
+
+
+if __name__ == "__main__":
+    main()

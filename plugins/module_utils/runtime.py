@@ -1,0 +1,275 @@
+# -*- coding: utf-8 -*-
+# Copyright: kldload.netstack contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The node's dataplane: one configuration, one apply path.
+
+The node configuration (``/etc/kldload-netstack/dataplane.json``) says which eBPF objects the
+node runs, where they attach, the map sizes, the socket LB's settings and the direct routes.
+``apply()`` makes the node match it - objects and attachments through the loader (loader.py),
+the service table through the LB writer (lb/), routes through netlink (routes.py) - and is called
+the same way by the ``node_dataplane`` module (with the inventory's service table) and by
+``netstack dataplane restore`` at boot (with the last applied table, from the LB state file and
+its journal). Everything is validated before anything on the node is touched.
+
+Configuration::
+
+    {"schema": 1,
+     "pin_path": "/sys/fs/bpf/kldload-netstack",
+     "objects_dir": "/usr/lib/kldload-netstack/bpf",
+     "objects": [{"name": "sock_lb", "targets": {"cgroup": null, "families": [4, 6], "devices": []}}],
+     "maps": {"kln_lb4_svc": 131072},
+     "lb": {"maglev_table_size": 16381, "state_file": "/var/lib/kldload-netstack/lb/services.json",
+            "destroy_udp_sockets": true},
+     "routes": [{"dst": "10.244.11.0/24", "via": "192.168.1.21"}]}
+
+``maps`` sizes maps by name, whichever object declares them. ``targets.cgroup`` null means the node's cgroup2 mount (detected, never assumed). A node agent
+(flow events, endpoint watch) will read the same file; its section will be ``agent``.
+No Ansible imports.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import json
+import os
+
+from ansible_collections.kldload.netstack.plugins.module_utils import lb, loader, routes
+from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool
+
+CONFIG_PATH = "/etc/kldload-netstack/dataplane.json"
+OBJECTS_DIR = "/usr/lib/kldload-netstack/bpf"
+STATE_FILE = "/var/lib/kldload-netstack/lb/services.json"
+SCHEMA = 1
+_TOP_KEYS = ("schema", "pin_path", "objects_dir", "objects", "maps", "lb", "routes")
+_OBJ_KEYS = ("name", "targets")
+_TARGET_KEYS = ("cgroup", "families", "devices", "xdp_mode")
+_LB_KEYS = ("maglev_table_size", "state_file", "destroy_udp_sockets")
+
+
+class ConfigError(ValueError):
+    """A node configuration that cannot be applied; the message names the field."""
+
+
+def default_config():
+    return {"schema": SCHEMA, "pin_path": loader.DEFAULT_PIN_PATH, "objects_dir": OBJECTS_DIR,
+            "objects": [{"name": "sock_lb", "targets": {"cgroup": None, "families": [4, 6], "devices": []}}],
+            "maps": {},
+            "lb": {"maglev_table_size": lb.DEFAULT_MAGLEV_M, "state_file": STATE_FILE, "destroy_udp_sockets": True},
+            "routes": []}
+
+
+def _keys(d, known, where):
+    if not isinstance(d, dict):
+        raise ConfigError("%s: must be a mapping" % where)
+    bad = sorted(set(d) - set(known))
+    if bad:
+        raise ConfigError("%s: unknown field(s) %s (known: %s)" % (where, ", ".join(bad), ", ".join(known)))
+
+
+def validate(cfg):
+    """The configuration in canonical form (every field present); ConfigError names the field."""
+    _keys(cfg, _TOP_KEYS, "config")
+    out = default_config()
+    if cfg.get("schema", SCHEMA) != SCHEMA:
+        raise ConfigError("config.schema: %r is not a schema this release reads (%d)" % (cfg.get("schema"), SCHEMA))
+    for k in ("pin_path", "objects_dir"):
+        v = cfg.get(k, out[k])
+        if not isinstance(v, str) or not os.path.isabs(v):
+            raise ConfigError("config.%s: must be an absolute path, got %r" % (k, v))
+        out[k] = os.path.normpath(v)
+    if "." in out["pin_path"]:
+        raise ConfigError("config.pin_path: %s contains a '.'; bpffs refuses dots in names" % out["pin_path"])
+    objs = cfg.get("objects", out["objects"])
+    if not isinstance(objs, list):
+        raise ConfigError("config.objects: must be a list")
+    out["objects"] = []
+    seen = set()
+    for i, o in enumerate(objs):
+        w = "config.objects[%d]" % i
+        _keys(o, _OBJ_KEYS, w)
+        name = o.get("name")
+        if not isinstance(name, str) or not name or "/" in name or "." in name or name in loader.RESERVED:
+            raise ConfigError("%s.name: a plain object name, got %r" % (w, name))
+        if name in seen:
+            raise ConfigError("%s.name: object %s is listed twice" % (w, name))
+        seen.add(name)
+        t = o.get("targets") or {}
+        _keys(t, _TARGET_KEYS, w + ".targets")
+        fams = t.get("families") or [4, 6]
+        if not isinstance(fams, list) or not fams or any(f not in (4, 6) for f in fams):
+            raise ConfigError("%s.targets.families: a list of 4 and/or 6, got %r" % (w, fams))
+        cg = t.get("cgroup") or None
+        if cg is not None and (not isinstance(cg, str) or not os.path.isabs(cg)):
+            raise ConfigError("%s.targets.cgroup: an absolute path or null, got %r" % (w, cg))
+        devs = t.get("devices") or []
+        if not isinstance(devs, list) or any(not isinstance(d, str) or not d for d in devs):
+            raise ConfigError("%s.targets.devices: a list of device names, got %r" % (w, devs))
+        target = {"cgroup": cg, "families": sorted(set(fams)), "devices": list(devs)}
+        if t.get("xdp_mode"):
+            target["xdp_mode"] = t["xdp_mode"]
+        out["objects"].append({"name": name, "targets": target})
+    sizes = cfg.get("maps") or {}
+    if not isinstance(sizes, dict) or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                                          for v in sizes.values()):
+        raise ConfigError("config.maps: must map map names to positive sizes, got %r" % (sizes,))
+    out["maps"] = dict(sizes)
+    lbc = cfg.get("lb") or {}
+    _keys(lbc, _LB_KEYS, "config.lb")
+    out["lb"].update(lbc)
+    m = out["lb"]["maglev_table_size"]
+    if isinstance(m, bool) or not isinstance(m, int) or m < 7 or not lb.is_prime(m):
+        raise ConfigError("config.lb.maglev_table_size: must be a prime >= 7, got %r" % (m,))
+    if not isinstance(out["lb"]["state_file"], str) or not os.path.isabs(out["lb"]["state_file"]):
+        raise ConfigError("config.lb.state_file: must be an absolute path")
+    if not isinstance(out["lb"]["destroy_udp_sockets"], bool):
+        raise ConfigError("config.lb.destroy_udp_sockets: must be true or false")
+    try:
+        out["routes"] = routes.normalize(cfg.get("routes") or [], "config.routes")
+    except routes.RouteError as e:
+        raise ConfigError(str(e))
+    return out
+
+
+def read_config(path=CONFIG_PATH):
+    try:
+        with open(path) as f:
+            return validate(json.load(f))
+    except (IOError, OSError) as e:
+        raise ConfigError("cannot read %s: %s (is the dataplane role applied?)" % (path, e.strerror))
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise ConfigError("%s: %s" % (path, e))
+        raise ConfigError("%s: not JSON: %s" % (path, e))
+
+
+def config_text(cfg):
+    return json.dumps(cfg, indent=1, sort_keys=True) + "\n"
+
+
+def object_path(cfg, name):
+    return os.path.join(cfg["objects_dir"], name + ".o")
+
+
+def globals_dir(cfg):
+    return os.path.join(cfg["pin_path"], loader.GLOBALS)
+
+
+def _objects(cfg):
+    """loader.object_spec() of every object, each with the sizes of the maps its manifest declares."""
+    out = []
+    declared = set()
+    for o in cfg["objects"]:
+        path = object_path(cfg, o["name"])
+        names = set(loader.load_manifest(path, required=True)["maps"])
+        declared |= names
+        out.append(loader.object_spec(o["name"], path, targets=o["targets"],
+                                      map_sizes=dict((k, v) for k, v in cfg["maps"].items() if k in names)))
+    unknown = sorted(set(cfg["maps"]) - declared)
+    if unknown:
+        raise ConfigError("config.maps: %s not a map of any object (%s)"
+                          % (", ".join(unknown), ", ".join(o["name"] for o in cfg["objects"])))
+    return out
+
+
+def _runner(module):
+    def run(argv):
+        return Tool(module, argv[0]).run(*argv[1:], check=False)
+    return run
+
+
+def apply(cfg, services=None, check=False, config_path=None, module=None):
+    """Make the node match ``cfg``: objects, attachments, the service table, routes; then write the
+    configuration to ``config_path`` (when given). ``services``: the whole service table, or None for
+    the last applied one (the LB state file and its journal: what boot-time restore programs).
+
+    Returns {changed, config {changed, before, after}, dataplane (loader result), lb (lb.sync
+    result), routes [changes], missing [objects not installed]}. Raises ConfigError, lb.LbError,
+    loader.ProgError, routes.RouteError (all before the first write when the input is at fault)."""
+    cfg = validate(cfg)
+    table = services if services is not None else lb.load_state(cfg["lb"]["state_file"])
+    lb.normalize(table, cfg["lb"]["maglev_table_size"])        # every service checked before anything is touched
+    text = config_text(cfg)
+    before_text = _read_text(config_path) if config_path else None
+    res = {"config": {"changed": config_path is not None and before_text != text, "path": config_path,
+                      "before": before_text or "", "after": text}, "missing": [], "udp_sockets_destroyed": 0}
+    missing = [o["name"] for o in cfg["objects"] if not os.path.isfile(object_path(cfg, o["name"]))]
+    if missing and not check:
+        raise loader.ProgError("objects %s are not installed in %s" % (", ".join(missing), cfg["objects_dir"]))
+    res["missing"] = missing
+    if missing:     # check mode on a node where the objects are not installed yet: all of it would be new
+        res["dataplane"] = {"changed": True, "actions": ["install and load %s" % n for n in missing],
+                            "before": {}, "after": {}, "report": {"objects": {}, "globals": {}}}
+    else:
+        res["dataplane"] = loader.ensure(cfg["pin_path"], _objects(cfg), check=check, prune=True, module=module)
+    res["lb"] = _lb(cfg, table, check, module, res)
+    res["routes"] = routes.sync(cfg["routes"], check=check)
+    res["changed"] = bool(res["config"]["changed"] or res["dataplane"]["changed"] or res["lb"]["changed"]
+                          or res["routes"])
+    if res["config"]["changed"] and not check:
+        _write_text(config_path, text)
+    return res
+
+
+def _lb(cfg, table, check, module, res):
+    gdir = globals_dir(cfg)
+    if check and not os.path.exists(os.path.join(gdir, lb.pin("kln_lb4_svc"))):
+        # the maps do not exist yet (check mode before the first install): every service would be added
+        want = lb.normalize(table, cfg["lb"]["maglev_table_size"])
+        added = [{"service": lb.svc_label(lb.svc_key(s)), "name": "%s/%s" % (s["namespace"], s["name"]),
+                  "backends": [lb.addr_port(b["ip"], b["port"]) for b in s["backends"]]} for s in want]
+        return {"changed": bool(added), "diff": {"added": added, "removed": [], "changed": []}, "table": [],
+                "stats": {"path": "none"}, "services": len(want)}
+
+    def gone(backends):
+        if cfg["lb"]["destroy_udp_sockets"]:
+            res["udp_sockets_destroyed"] = lb.destroy_udp_sockets(backends, _runner(module))
+    return lb.sync(gdir, table, prune=True, check=check, maglev_m=cfg["lb"]["maglev_table_size"],
+                   state_file=cfg["lb"]["state_file"], on_backends_gone=gone)
+
+
+def remove(cfg, check=False, config_path=None, module=None):
+    """Take the dataplane off the node: every object and shared map, the routes it owns, the LB state
+    file and its journal, the configuration file."""
+    cfg = validate(cfg)
+    res = {"dataplane": loader.ensure(cfg["pin_path"], [], state="absent", check=check, prune=True, module=module),
+           "routes": routes.sync([], check=check), "files": []}
+    sf = cfg["lb"]["state_file"]
+    for p in [sf, sf + ".journal"] + ([config_path] if config_path else []):
+        if os.path.lexists(p):
+            res["files"].append(p)
+            if not check:
+                os.unlink(p)
+    res["changed"] = bool(res["dataplane"]["changed"] or res["routes"] or res["files"])
+    return res
+
+
+def status(cfg):
+    """What the node runs now: {objects, globals (loader.report), services (count), routes (owned)}."""
+    cfg = validate(cfg)
+    rep = loader.report(cfg["pin_path"])
+    rep["config"] = cfg
+    try:
+        rep["services"] = len(lb.table(globals_dir(cfg), cfg["lb"]["state_file"]))
+    except (lb.LbError, OSError):
+        rep["services"] = None
+    return rep
+
+
+def _read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except (IOError, OSError):
+        return None
+
+
+def _write_text(path, text, mode=0o644):
+    d = os.path.dirname(path)
+    if d and not os.path.isdir(d):
+        os.makedirs(d, 0o755)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.rename(tmp, path)

@@ -1,0 +1,276 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: kldload.netstack contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: node_dataplane
+short_description: Apply a node's whole eBPF dataplane - objects, attachments, shared maps, service table, routes - from one configuration
+version_added: 0.2.0
+description:
+  - Writes the node configuration (O(config_path)) and makes the node match it in one step, through the same
+    function C(netstack dataplane restore) runs at boot, so what a play applies and what a reboot brings back
+    cannot differ.
+  - B(Objects.) Each object in O(objects) is a compiled eBPF object installed in O(objects_dir) as
+    C(<name>.o) with its manifest C(<name>.manifest.json) (the dataplane role installs them). The manifest
+    says which programs the object has and where each attaches (the node's cgroup2 root, devices, or pod
+    interfaces), and which of its maps are shared with other objects. Objects are loaded and attached as
+    M(kldload.netstack.bpf_program) does - verified first, programs swapped through BPF links without a gap,
+    a failed step rolled back - and maps declared shared are pinned once under C(<pin_path>/globals/) and used
+    by every object that declares them. Objects under O(pin_path) that are not listed are removed; this
+    module owns O(pin_path) (load objects of your own under another pin path).
+  - B(Services.) O(services) is the whole service table of the socket load balancer, written as
+    M(kldload.netstack.lb_services) with O(kldload.netstack.lb_services#module:prune=true) writes it
+    (validated first, the difference written in commit order).
+  - B(Routes.) O(routes) are the direct routes to the other nodes' pod CIDRs. The routes this module makes
+    carry routing protocol 193 (C(ip route) shows C(proto 193)); one no longer listed is deleted, a route of
+    anyone else to the same destination is an error, never replaced.
+  - Everything is validated before anything on the node is touched; bad input fails naming the field.
+  - O(state=absent) removes the dataplane - every object, shared map, owned route, the LB state file and its
+    journal, and the configuration file.
+extends_documentation_fragment:
+  - kldload.netstack.dataplane
+  - kldload.netstack.dataplane.services
+options:
+  objects:
+    description: The eBPF objects the node runs.
+    type: list
+    elements: dict
+    default: [{name: sock_lb}]
+    suboptions:
+      name:
+        description: Object name; its files are C(<objects_dir>/<name>.o) and C(<name>.manifest.json).
+        type: str
+        required: true
+      cgroup:
+        description:
+          - The cgroup v2 directory the object's cgroup programs attach to. Empty - the node's cgroup2 mount,
+            detected from the mount table (every process of the node).
+        type: path
+      families:
+        description: Address families whose programs are attached (programs of a family in the manifest).
+        type: list
+        elements: int
+        choices: [4, 6]
+        default: [4, 6]
+      devices:
+        description: Network devices the object's device programs attach to.
+        type: list
+        elements: str
+        default: []
+  maps:
+    description:
+      - Map sizes (C(max_entries)) by map name, for the maps of any listed object (a shared map is one map,
+        whichever objects declare it). A name no object declares is an error. Changing a size recreates
+        that map (its contents are lost; the service table is written again in the same run).
+    type: dict
+    default: {}
+  objects_dir:
+    description: Directory of the installed objects and their manifests.
+    type: path
+    default: /usr/lib/kldload-netstack/bpf
+  routes:
+    description: Direct routes the dataplane owns (to the other nodes' pod CIDRs through their underlay addresses).
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      dst:
+        description: Destination network (the other node's pod CIDR).
+        type: str
+        required: true
+      via:
+        description: Gateway (the other node's underlay address).
+        type: str
+        required: true
+  config_path:
+    description: Where the node configuration is written (read back by C(netstack) on the node).
+    type: path
+    default: /etc/kldload-netstack/dataplane.json
+  state:
+    description: V(present) applies the configuration; V(absent) removes the dataplane from the node.
+    type: str
+    choices: [present, absent]
+    default: present
+requirements:
+  - root, bpftool (libbpf), a kernel with BPF links; python3-pyroute2 when O(routes) are given.
+notes:
+  - Supports check mode and diff mode. The diff shows the configuration file, the loaded objects (versions,
+    map sizes, attachments), the shared maps, the services added, removed and changed, and the routes.
+  - In check mode on a node where the objects are not installed yet, the objects are reported as to be
+    installed and loaded and every service as to be added.
+seealso:
+  - module: kldload.netstack.bpf_program
+  - module: kldload.netstack.lb_services
+author:
+  - kldload.netstack developers (@kldload)
+"""
+
+EXAMPLES = r"""
+- name: The socket load balancer on every process of the node, two services, direct routes
+  kldload.netstack.node_dataplane:
+    objects:
+      - name: sock_lb
+    maps: {kln_lb4_svc: 131072}
+    services:
+      - name: web
+        namespace: production
+        vip: 10.96.0.10
+        port: 80
+        backends:
+          - {ip: 10.244.1.5, port: 8080, weight: 90}
+          - {ip: 10.244.2.7, port: 8080, weight: 10}
+    routes:
+      - {dst: 10.244.11.0/24, via: 192.168.1.21}
+
+- name: Take the dataplane off the node
+  kldload.netstack.node_dataplane:
+    state: absent
+"""
+
+RETURN = r"""
+actions:
+  description: What was done (or would be, in check mode) to the objects and shared maps, in order.
+  returned: always
+  type: list
+  elements: str
+objects:
+  description: The loaded objects by name - version, programs, attachments, private maps.
+  returned: always
+  type: dict
+shared_maps:
+  description: The shared maps under C(<pin_path>/globals/) by pin name.
+  returned: always
+  type: dict
+services:
+  description: Number of services in the table.
+  returned: when state is present
+  type: int
+added:
+  description: Services added.
+  returned: when state is present
+  type: list
+  elements: dict
+removed:
+  description: Services removed.
+  returned: when state is present
+  type: list
+  elements: dict
+service_changes:
+  description: Services changed, with C(backends_added), C(backends_removed), C(weights_changed) and changed fields.
+  returned: when state is present
+  type: list
+  elements: dict
+routes:
+  description: Route changes made (or that would be made).
+  returned: always
+  type: list
+  elements: str
+udp_sockets_destroyed:
+  description: Connected UDP sockets destroyed because their backend left every service.
+  returned: when state is present
+  type: int
+config:
+  description: The node configuration as written.
+  returned: when state is present
+  type: dict
+verifier_log:
+  description: The tail of bpftool's output when an object failed to load.
+  returned: on load failure
+  type: str
+"""
+
+import json
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.kldload.netstack.plugins.module_utils import argspec, lb, loader, routes, runtime
+from ansible_collections.kldload.netstack.plugins.module_utils.bpfsys import BpfError
+
+
+def _config(p):
+    return {"schema": runtime.SCHEMA, "pin_path": p["pin_path"], "objects_dir": p["objects_dir"],
+            "objects": [{"name": o["name"],
+                         "targets": {"cgroup": o["cgroup"] or None, "families": o["families"], "devices": o["devices"]}}
+                        for o in p["objects"]],
+            "maps": p["maps"],
+            "lb": {"maglev_table_size": p["maglev_table_size"], "state_file": p["state_file"],
+                   "destroy_udp_sockets": p["destroy_udp_sockets"]},
+            "routes": p["routes"]}
+
+
+def main():
+    spec = dict(
+        pin_path=argspec.PIN_PATH,
+        objects=dict(type="list", elements="dict", default=[{"name": "sock_lb"}], options=dict(
+            name=dict(type="str", required=True),
+            cgroup=dict(type="path"),
+            families=dict(type="list", elements="int", choices=[4, 6], default=[4, 6]),
+            devices=dict(type="list", elements="str", default=[]),
+        )),
+        maps=dict(type="dict", default={}),
+        objects_dir=dict(type="path", default=runtime.OBJECTS_DIR),
+        routes=dict(type="list", elements="dict", default=[], options=dict(
+            dst=dict(type="str", required=True),
+            via=dict(type="str", required=True),
+        )),
+        config_path=dict(type="path", default=runtime.CONFIG_PATH),
+        state=dict(type="str", choices=["present", "absent"], default="present"),
+    )
+    spec.update(argspec.SERVICES)
+    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
+    p = module.params
+    cfg = _config(p)
+    try:
+        if p["state"] == "absent":
+            res = runtime.remove(cfg, check=module.check_mode, config_path=p["config_path"], module=module)
+        else:
+            res = runtime.apply(cfg, argspec.services_from_params(p), check=module.check_mode,
+                                config_path=p["config_path"], module=module)
+    except loader.ProgError as e:
+        module.fail_json(msg=str(e), verifier_log=e.details)
+    except (runtime.ConfigError, lb.LbError, routes.RouteError) as e:
+        module.fail_json(msg=str(e))
+    except (BpfError, OSError) as e:
+        module.fail_json(msg="applying the dataplane failed: %s" % e)
+    dp = res["dataplane"]
+    out = dict(changed=res["changed"], actions=dp["actions"], objects=dp["report"]["objects"],
+               shared_maps=dp["report"]["globals"], routes=res["routes"])
+    if p["state"] == "present":
+        d = res["lb"]["diff"]
+        out.update(services=res["lb"]["services"], added=d["added"], removed=d["removed"], service_changes=d["changed"],
+                   udp_sockets_destroyed=res["udp_sockets_destroyed"], config=json.loads(res["config"]["after"]))
+    else:
+        out["files_removed"] = res["files"]
+    if module._diff:
+        out["diff"] = _diff(res, p["state"])
+    module.exit_json(**out)
+
+
+def _diff(res, state):
+    """before/after: the configuration file, then the dataplane, services and routes as text lines."""
+    dp = res["dataplane"]
+    before, after = [], []
+    if state == "present":
+        before.append(res["config"]["before"])
+        after.append(res["config"]["after"])
+    before.append("dataplane: %s" % json.dumps(dp["before"], sort_keys=True))
+    after.append("dataplane: %s" % json.dumps(dp["after"], sort_keys=True))
+    if state == "present":
+        d = res["lb"]["diff"]
+        before += ["service %s %s backends %s" % (s["service"], s["name"], ", ".join(s["backends"]) or "-")
+                   for s in d["removed"]]
+        after += ["service %s %s backends %s" % (s["service"], s["name"], ", ".join(s["backends"]) or "-")
+                  for s in d["added"]]
+        after += ["service %s %s changed: %s" % (c["service"], c["name"], json.dumps(
+            dict((k, v) for k, v in c.items() if k not in ("service", "name")), sort_keys=True)) for c in d["changed"]]
+    after += ["route %s" % r for r in res["routes"]]
+    return {"before": "\n".join(before) + "\n", "after": "\n".join(after) + "\n"}
+
+
+if __name__ == "__main__":
+    main()

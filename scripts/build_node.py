@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Build the node-side unit: build/node/ with netstack.pyz (the node command and every
+module_utils file it can import, as one zipapp) and bpf/ (every compiled object with its manifest).
+Run by `make node`; the dataplane role copies build/node/ to /usr/lib/kldload-netstack/ in one step.
+Nothing here is listed by hand: the zipapp takes the whole plugins/module_utils tree.
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(REPO, "build", "node")
+PKG = "ansible_collections/kldload/netstack/plugins/module_utils"
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def collection_version():
+    with open(os.path.join(REPO, "galaxy.yml")) as f:
+        return re.search(r"^version:\s*(\S+)", f.read(), re.M).group(1)
+
+
+def commit():
+    p = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"], capture_output=True, text=True, check=False)
+    return p.stdout.strip() or None
+
+
+def _zipapp(src, path):
+    """An executable zip (shebang + archive) whose bytes depend only on its contents: sorted entries,
+    fixed timestamps; so an unchanged build installs as "no change"."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(b"#!/usr/bin/python3\n")
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+            for d, dirs, files in os.walk(src):
+                dirs.sort()
+                for name in sorted(files):
+                    full = os.path.join(d, name)
+                    zi = zipfile.ZipInfo(os.path.relpath(full, src), date_time=(1980, 1, 1, 0, 0, 0))
+                    zi.external_attr = 0o644 << 16
+                    zi.compress_type = zipfile.ZIP_DEFLATED
+                    with open(full, "rb") as fh:
+                        z.writestr(zi, fh.read())
+    os.chmod(tmp, 0o755)
+    os.rename(tmp, path)
+
+
+def main():
+    bpf_build = os.path.join(REPO, "bpf", "build")
+    objects = sorted(f[:-len(".manifest.json")] for f in os.listdir(bpf_build) if f.endswith(".manifest.json"))
+    if not objects:
+        sys.exit("build_node: no objects in bpf/build (run make -C bpf)")
+    tmp = tempfile.mkdtemp(prefix="netstack-node-")
+    try:
+        src = os.path.join(tmp, "src")
+        dst = os.path.join(src, PKG)
+        shutil.copytree(os.path.join(REPO, "plugins", "module_utils"), dst,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        d = src
+        for part in PKG.split("/"):       # plain packages: zipimport does not find namespace packages
+            d = os.path.join(d, part)
+            init = os.path.join(d, "__init__.py")
+            if not os.path.exists(init):
+                open(init, "w").close()
+        shutil.copy(os.path.join(REPO, "node", "netstack_cli.py"), src)
+        info = {"collection": collection_version(), "commit": commit(),
+                "objects": dict((n, sha256(os.path.join(bpf_build, n + ".o"))) for n in objects)}
+        with open(os.path.join(src, "netstack_build.json"), "w") as f:
+            json.dump(info, f, indent=1, sort_keys=True)
+        with open(os.path.join(src, "__main__.py"), "w") as f:
+            f.write("from netstack_cli import main\nmain()\n")
+        shutil.rmtree(OUT, ignore_errors=True)
+        os.makedirs(os.path.join(OUT, "bpf"))
+        for n in objects:
+            for suffix in (".o", ".manifest.json"):
+                shutil.copy(os.path.join(bpf_build, n + suffix), os.path.join(OUT, "bpf", n + suffix))
+        _zipapp(src, os.path.join(OUT, "netstack.pyz"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("build_node: %s (collection %s, objects %s)" % (os.path.relpath(OUT, REPO), info["collection"],
+                                                          ", ".join(objects)))
+
+
+if __name__ == "__main__":
+    main()
