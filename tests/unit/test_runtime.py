@@ -1,0 +1,182 @@
+"""The node configuration, manifests, owned routes and the node bundle: validation and planning
+without a kernel (the loader and the apply path on real bpffs are in test_loader.py and on the lab)."""
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from ansible_collections.kldload.netstack.plugins.module_utils import manifest as mf, routes, runtime
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SOCK_LB_MANIFEST = os.path.join(REPO, "bpf", "sock_lb.manifest.json")
+
+
+# ---- node configuration -------------------------------------------------------------------------
+
+def test_default_configuration_is_valid_and_canonical():
+    cfg = runtime.validate({})
+    assert cfg == runtime.default_config()
+    assert cfg["objects"] == [{"name": "sock_lb", "targets": {"cgroup": None, "families": [4, 6], "devices": []}}]
+    assert runtime.validate(json.loads(runtime.config_text(cfg))) == cfg       # the file reads back the same
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"objects": [{"name": "sock_lb"}, {"name": "sock_lb"}]}, "config.objects[1].name: object sock_lb is listed twice"),
+    ({"objects": [{"name": "globals"}]}, "config.objects[0].name: a plain object name, got 'globals'"),
+    ({"objects": [{"name": "a.b"}]}, "config.objects[0].name: a plain object name"),
+    ({"objects": [{"name": "x", "targets": {"families": [5]}}]}, "config.objects[0].targets.families: a list of 4 and/or 6"),
+    ({"objects": [{"name": "x", "targets": {"cgroup": "relative"}}]}, "config.objects[0].targets.cgroup: an absolute path"),
+    ({"objects": [{"name": "x", "colour": "red"}]}, "config.objects[0]: unknown field(s) colour"),
+    ({"maps": {"kln_lb4_svc": 0}}, "config.maps: must map map names to positive sizes"),
+    ({"lb": {"maglev_table_size": 1000}}, "config.lb.maglev_table_size: must be a prime >= 7, got 1000"),
+    ({"lb": {"state_file": "x.json"}}, "config.lb.state_file: must be an absolute path"),
+    ({"pin_path": "/sys/fs/bpf/a.b"}, "config.pin_path: /sys/fs/bpf/a.b contains a '.'"),
+    ({"routes": [{"dst": "10.244.1.0/24", "via": "fd00::1"}]}, "config.routes[0].via: fd00::1 is not of the family"),
+    ({"schema": 2}, "config.schema: 2 is not a schema this release reads"),
+    ({"agent": {}}, "config: unknown field(s) agent"),
+])
+def test_configuration_errors_name_the_field(cfg, message):
+    with pytest.raises(runtime.ConfigError) as e:
+        runtime.validate(cfg)
+    assert message in str(e.value)
+
+
+def test_map_sizes_must_belong_to_an_object(tmp_path):
+    d = tmp_path / "bpf"
+    d.mkdir()
+    (d / "sock_lb.o").write_bytes(b"")
+    (d / "sock_lb.manifest.json").write_text(open(SOCK_LB_MANIFEST).read())
+    cfg = runtime.validate({"objects_dir": str(d), "maps": {"kln_lb4_svc": 1024, "kln_lb_nope": 5}})
+    with pytest.raises(runtime.ConfigError, match=r"config.maps: kln_lb_nope not a map of any object \(sock_lb\)"):
+        runtime._objects(cfg)   # pylint: disable=protected-access
+    cfg = runtime.validate({"objects_dir": str(d), "maps": {"kln_lb4_svc": 1024, "kln_lb4_revnat": 8}})
+    spec = runtime._objects(cfg)[0]   # pylint: disable=protected-access
+    assert spec["sizes"] == {"kln_lb4_svc": 1024, "kln_lb4_revnat": 8}
+
+
+def test_read_config_errors(tmp_path):
+    with pytest.raises(runtime.ConfigError, match="is the dataplane role applied"):
+        runtime.read_config(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(runtime.ConfigError, match="not JSON"):
+        runtime.read_config(str(tmp_path / "bad.json"))
+    (tmp_path / "odd.json").write_text('{"objects": 3}')
+    with pytest.raises(runtime.ConfigError, match=r"odd.json: config.objects: must be a list"):
+        runtime.read_config(str(tmp_path / "odd.json"))
+
+
+# ---- manifests ----------------------------------------------------------------------------------
+
+def test_the_socket_lb_manifest():
+    m = mf.load(SOCK_LB_MANIFEST)
+    assert m["object"] == "sock_lb"
+    assert sorted(p for p, v in m["programs"].items() if v["family"] == 4) == [
+        "kln_connect4", "kln_getpeer4", "kln_recvmsg4", "kln_sendmsg4"]
+    assert all(v["target"] == "cgroup" for v in m["programs"].values())
+    assert sorted(n for n, v in m["maps"].items() if not v["shared"]) == ["kln_lb4_revnat", "kln_lb6_revnat"]
+    assert mf.map_pin("/p", "sock_lb", "kln_lb4_svc", m["maps"]["kln_lb4_svc"]) == "/p/globals/kln_lb4_svc_v1"
+    assert mf.map_pin("/p", "sock_lb", "kln_lb4_revnat", m["maps"]["kln_lb4_revnat"]) == "/p/sock_lb/maps/kln_lb4_revnat"
+    assert m["maps"]["kln_lb_maglev"]["max_entries"] == 64 * 2 * 16381
+
+
+def _m(**maps):
+    return {"object": "x", "programs": {"p": {"attach": "cgroup_inet4_connect"}}, "maps": maps}
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"object": "x", "maps": {}, "extra": 1}, "manifest: unknown field(s) extra"),
+    ({"maps": {}}, "manifest.object: required"),
+    ({"object": "x", "programs": {"p": {"attach": "cgroup_inet4_connect", "target": "moon"}}},
+     "manifest.programs.p.target: must be one of cgroup, device, endpoint"),
+    ({"object": "x", "programs": {"p": {"attach": "xdp", "target": "cgroup"}}}, "manifest.programs.p.target: xdp is not a cgroup"),
+    ({"object": "x", "programs": {"p": {"attach": "cgroup_inet4_connect", "family": 5}}}, "manifest.programs.p.family: must be 4 or 6"),
+    (_m(m={"type": "hash", "key_size": 4, "value_size": 4, "max_entries": 0}), "manifest.maps.m.max_entries: must be an integer 1.."),
+    (_m(m={"type": "tree", "key_size": 4, "value_size": 4, "max_entries": 1}), "manifest.maps.m.type: must be one of"),
+    (_m(a_name_that_is_too_long={"type": "hash", "key_size": 4, "value_size": 4, "max_entries": 1}),
+     "map names are 1-15 letters"),
+    (_m(m={"type": "hash", "key_size": 4, "value_size": 4, "max_entries": 1, "shared": True, "version": 2,
+           "migrations": {"2": "copy"}}), "manifest.maps.m.migrations.2: only older versions (1..1) migrate to version 2"),
+    (_m(m={"type": "hash", "key_size": 4, "value_size": 4, "max_entries": 1, "shared": True, "version": 2,
+           "migrations": {"1": "rewrite"}}), "manifest.maps.m.migrations.1: must be one of copy, extend"),
+    (_m(m={"type": "hash", "key_size": 4, "value_size": 4, "max_entries": 1, "version": 2, "migrations": {"1": "copy"}}),
+     "only shared maps carry layout versions"),
+])
+def test_manifest_errors_name_the_field(doc, message):
+    with pytest.raises(mf.ManifestError) as e:
+        mf.validate(doc, attach_types={"cgroup_inet4_connect": 10, "xdp": 37})
+    assert message in str(e.value)
+
+
+def test_check_object_lists_every_difference():
+    m = mf.validate(_m(m={"type": "hash", "key_size": 4, "value_size": 4, "max_entries": 8}))
+    probed = {"programs": {"p": {}, "q": {}},
+              "maps": {"m": {"type": "hash", "key_size": 4, "value_size": 8, "max_entries": 8, "flags": 0},
+                       "extra": {"type": "array", "key_size": 4, "value_size": 4, "max_entries": 1, "flags": 0}}}
+    assert mf.check_object(m, probed) == [
+        "x: program q is in the object but not in the manifest",
+        "x: map extra is in the object but not in the manifest",
+        "x: map m value_size is 8 in the object, 4 in the manifest"]
+
+
+def test_pin_names():
+    assert mf.pin_name("kln_lb4_svc", 3) == "kln_lb4_svc_v3"
+    assert mf.parse_pin_name("kln_lb4_svc_v3") == ("kln_lb4_svc", 3)
+    assert mf.parse_pin_name("kln_lb4_svc") == (None, None)
+
+
+# ---- owned routes -------------------------------------------------------------------------------
+
+def test_route_plan_adds_replaces_deletes_only_owned_routes():
+    cur = {"10.244.11.0/24": ("192.168.1.21", routes.RTPROT_NETSTACK),       # ours, right
+           "10.244.12.0/24": ("192.168.1.99", routes.RTPROT_NETSTACK),       # ours, wrong gateway
+           "10.244.13.0/24": ("192.168.1.23", routes.RTPROT_NETSTACK),       # ours, no longer wanted
+           "10.0.0.0/8": ("192.168.1.1", 4)}                                  # someone else's
+    want = routes.normalize([{"dst": "10.244.11.0/24", "via": "192.168.1.21"}, {"dst": "10.244.12.0/24", "via": "192.168.1.22"},
+                             {"dst": "10.244.14.0/24", "via": "192.168.1.24"}])
+    add, replace, delete = routes.plan(cur, want)
+    assert add == [{"dst": "10.244.14.0/24", "via": "192.168.1.24"}]
+    assert replace == [{"dst": "10.244.12.0/24", "via": "192.168.1.22", "was": "192.168.1.99"}]
+    assert delete == [{"dst": "10.244.13.0/24", "via": "192.168.1.23"}]
+    with pytest.raises(routes.RouteError, match=r"10.0.0.0/8 is already routed \(via 192.168.1.1, proto 4\) by someone else"):
+        routes.plan(cur, routes.normalize([{"dst": "10.0.0.0/8", "via": "192.168.1.2"}]))
+
+
+@pytest.mark.parametrize("rs, message", [
+    ([{"dst": "10.244.1.1/24", "via": "192.168.1.1"}], "routes[0].dst: '10.244.1.1/24' is not a network"),
+    ([{"dst": "10.244.1.0/24", "via": "nowhere"}], "routes[0].via: 'nowhere' is not an address"),
+    ([{"dst": "10.244.1.0/24"}], "routes[0].via"),
+    ([{"dst": "10.244.1.0/24", "via": "192.168.1.1"}, {"dst": "10.244.1.0/24", "via": "192.168.1.2"}],
+     "routes[1].dst: 10.244.1.0/24 is declared twice"),
+    ("10.244.1.0/24", "routes: must be a list"),
+])
+def test_route_errors(rs, message):
+    with pytest.raises(routes.RouteError) as e:
+        routes.normalize(rs)
+    assert message in str(e.value)
+
+
+# ---- the node bundle ------------------------------------------------------------------------------
+
+def test_node_bundle_is_one_zipapp_with_the_whole_library(tmp_path):
+    pyz = os.path.join(REPO, "build", "node", "netstack.pyz")
+    if not os.path.exists(pyz):
+        pytest.skip("make node has not run")
+    names = set(zipfile.ZipFile(pyz).namelist())
+    lib = os.path.join(REPO, "plugins", "module_utils")
+    for d, _dirs, files in os.walk(lib):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(d, f), lib)
+                assert "ansible_collections/kldload/netstack/plugins/module_utils/" + rel in names, rel
+    out = subprocess.run([sys.executable, pyz, "version", "--json"], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, NETSTACK_CONFIG=str(tmp_path / "none.json")))
+    info = json.loads(out.stdout)
+    with open(os.path.join(REPO, "galaxy.yml")) as f:
+        assert "version: %s" % info["collection"] in f.read()
+    assert set(info["built_objects"]) == {"sock_lb"} and len(info["built_objects"]["sock_lb"]) == 64
+    helped = subprocess.run([sys.executable, pyz, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "lb list" in helped and "dataplane restore" in helped
+    assert "echo" not in helped.split("usage:")[1].split("\n")[0] and " probe" not in helped   # no test helpers
