@@ -18,19 +18,16 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-import ctypes
 import os
-import platform
 import re
 import stat
-import struct
 
-from ansible_collections.kldload.netstack.plugins.module_utils.kernel import read_mounts
+from ansible_collections.kldload.netstack.plugins.module_utils.mounts import (
+    BPF_FS_MAGIC, read_mounts, statfs_magic)
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool, ToolError
 
 UNIT_DIR = "/etc/systemd/system"
 WANTED_BY = "local-fs.target"
-BPF_FS_MAGIC = 0xCAFE4A11
 MOUNT_OPTIONS = "rw,nosuid,nodev,noexec,relatime"
 # bpffs root: mode= (default 0777) plus the sticky bit, which the kernel always adds
 DEFAULT_ROOT_MODE = 0o1777
@@ -38,7 +35,13 @@ UNIT_MARKER = "# Managed by kldload.netstack.bpffs"
 
 
 class BpffsError(Exception):
-    """The request cannot be carried out; the message names the offending option."""
+    """The request cannot be carried out; the message names the offending option.
+
+    ``fields`` are the extra fail_json fields the module reports with it (path, actions)."""
+
+    def __init__(self, msg, **fields):
+        super(BpffsError, self).__init__(msg)
+        self.fields = fields
 
 
 # -- names ----------------------------------------------------------------------------------------
@@ -180,18 +183,6 @@ def canonical_path(path):
 
 
 # -- reading --------------------------------------------------------------------------------------
-
-def statfs_magic(path):
-    """f_type of statfs(2) on ``path`` (the filesystem that is visible there); OSError on failure."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(512)  # larger than struct statfs on any architecture
-    if libc.statfs(os.fsencode(path), buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    # f_type is the first member: a long, except on s390x where it is an unsigned int
-    fmt = "@I" if platform.machine() == "s390x" else "@l"
-    return struct.unpack_from(fmt, buf.raw)[0] & 0xFFFFFFFF
-
 
 def _read(path):
     try:
@@ -393,22 +384,27 @@ def _write(path, text):
 
 
 def run_bpffs(module, params, check_mode=False, want_diff=False):
-    """The bpffs module: validate, read, plan, apply (unless check mode); the result dict."""
+    """The bpffs module: validate, read, plan, apply (unless check mode); the result dict.
+
+    ``module`` (an AnsibleModule, or None) only runs the tools. Raises BpffsError - before anything
+    is touched for a refused request (``fields``: path as given), or when a step of apply fails
+    (``fields``: the normalised path and the planned actions). Reading the node may raise OSError.
+    """
     try:
         mode = parse_mode(params.get("mode"))
         path = canonical_path(params["path"])
         found = inspect(path)
         after, actions = plan(found["state"], found["facts"], params["state"], params["persistent"], mode)
     except BpffsError as e:
-        module.fail_json(msg=str(e), path=params.get("path"))
-        raise  # not reached: fail_json exits
+        e.fields.setdefault("path", params.get("path"))
+        raise
     before = found["state"]
     changed = before != after
     if changed and not check_mode:
         try:
             apply(module, path, found["facts"], actions, mode)
         except (ToolError, OSError) as e:
-            module.fail_json(msg="bpffs at %s: %s" % (path, e), path=path, actions=actions)
+            raise BpffsError("bpffs at %s: %s" % (path, e), path=path, actions=actions)
         after = inspect(path)["state"]
     result = dict(changed=changed, path=path, mounted=after["fstype"] == "bpf",
                   unit=found["facts"]["unit_path"] if after["unit"] is not None else None,

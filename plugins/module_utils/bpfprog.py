@@ -30,10 +30,8 @@ import socket
 import subprocess
 import tempfile
 
-from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys
+from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys, mounts
 
-CGROUP2_SUPER_MAGIC = 0x63677270
-BPF_FS_MAGIC = 0xCAFE4A11
 DEFAULT_PIN_PATH = "/sys/fs/bpf/kldload-netstack"
 LINKS = "links"
 MAPS = "maps"
@@ -72,17 +70,6 @@ def canonical_type(name, where="attach"):
     return t
 
 
-def _statfs_type(path):
-    import ctypes
-    import ctypes.util
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    buf = ctypes.create_string_buffer(256)
-    if libc.statfs(os.fsencode(path), buf) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), path)
-    return int.from_bytes(buf.raw[:8], "little")
-
-
 def resolve_attachments(attach, root):
     """Validate attach entries; return [{program, type, target, target_desc, pin, ...}]."""
     out = []
@@ -101,7 +88,7 @@ def resolve_attachments(attach, root):
                 raise ProgError("%s.device: not used by cgroup attach type %s" % (where, t))
             if not os.path.isdir(cg):
                 raise ProgError("%s.cgroup: %s is not a directory" % (where, cg))
-            if _statfs_type(cg) != CGROUP2_SUPER_MAGIC:
+            if not mounts.is_cgroup2(cg):
                 raise ProgError("%s.cgroup: %s is not in a cgroup v2 file system" % (where, cg))
             ino = os.stat(cg).st_ino
             entry.update(cgroup=os.path.realpath(cg), cgroup_id=ino, target_desc="cgroup %s" % os.path.realpath(cg),
@@ -463,7 +450,7 @@ def _check_bpffs(root):
     existing = root
     while not os.path.isdir(existing):
         existing = os.path.dirname(existing)
-    if _statfs_type(existing) != BPF_FS_MAGIC:
+    if not mounts.is_bpffs(existing):
         raise ProgError("pin_path: %s is not on a BPF file system (%s is not bpffs); mount one first "
                         "(kldload.netstack.bpffs or the prereqs role)" % (os.path.dirname(root), existing))
 

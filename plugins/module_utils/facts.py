@@ -12,7 +12,7 @@ import os
 import platform
 import re
 
-from ansible_collections.kldload.netstack.plugins.module_utils import kernel
+from ansible_collections.kldload.netstack.plugins.module_utils import kernel, mounts
 from ansible_collections.kldload.netstack.plugins.module_utils.iptables import (
     BACKENDS, CMD_PREFIX, FAMILIES, NFT_FAMILY, is_kube_proxy_chain, parse_nft_tables, parse_save)
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool
@@ -138,9 +138,9 @@ def gather(module, wireguard_probe=True, iptables=True):
     release = platform.release()
     version = kernel.parse_release(release)
     source, config = kernel.read_config(release)
-    mounts = kernel.read_mounts()
-    cgroup2 = kernel.cgroup2_path(mounts)
-    bpffs = kernel.bpf_mounts(mounts)
+    table = mounts.read_mounts()
+    cgroup2 = mounts.cgroup2_path(table)
+    bpffs = mounts.bpf_mounts(table)
     btf = os.path.exists(kernel.BTF_VMLINUX)
     wireguard = wireguard_facts(module, wireguard_probe)
     facts = dict(

@@ -288,7 +288,11 @@ class _Backend:
 
 
 class KubeProxyCleanup:
-    """Plan and apply the cleanup for one node. ``module`` is an AnsibleModule."""
+    """Plan and apply the cleanup for one node.
+
+    ``module`` is an AnsibleModule (its tools are run through it and warnings go to it), or None
+    (tools run with subprocess). Warnings are also kept in ``warnings``. Failures raise CleanupError.
+    """
 
     def __init__(self, module, backends=BACKENDS, families=FAMILIES, nftables=True,
                  include_kubelet_chains=False, backup=True, backup_dir=DEFAULT_BACKUP_DIR):
@@ -304,7 +308,7 @@ class KubeProxyCleanup:
         self.nft_changes = []    # TableChange, backend "nftables", before = nft list table text
         self._tools = {}
         self._nft = None
-        self._warned = set()
+        self.warnings = []
 
     # -- validation ---------------------------------------------------------------------------
     @staticmethod
@@ -320,6 +324,14 @@ class KubeProxyCleanup:
                 raise CleanupError("backup_dir must be an absolute path, got %r" % bdir)
             if os.path.exists(bdir) and not os.path.isdir(bdir):
                 raise CleanupError("backup_dir %s exists and is not a directory" % bdir)
+
+    def warn(self, msg):
+        """Warn once per message: to the module, and in ``warnings``."""
+        if msg in self.warnings:
+            return
+        self.warnings.append(msg)
+        if self.module is not None:
+            self.module.warn(msg)
 
     # -- reading ------------------------------------------------------------------------------
     def _backend(self, backend, family):
@@ -341,10 +353,7 @@ class KubeProxyCleanup:
         for line in out.splitlines():
             # iptables-nft-save cannot show a table holding rules it does not understand
             if line.startswith("#") and "incompatible" in line:
-                msg = "%s: %s (that table is not cleaned)" % (be.save.binary, line.lstrip("# "))
-                if msg not in self._warned:
-                    self._warned.add(msg)
-                    self.module.warn(msg)
+                self.warn("%s: %s (that table is not cleaned)" % (be.save.binary, line.lstrip("# ")))
         try:
             return plan_tables(out, be.backend, be.family, self.include_kubelet_chains)
         except ValueError as e:
@@ -516,7 +525,8 @@ class KubeProxyCleanup:
 
 
 def run_cleanup(module, params, check_mode=False, want_diff=False):
-    """The whole module: validate, plan, (apply), report. Returns the result dict."""
+    """The whole module: validate, plan, (apply), report. Returns the result dict; CleanupError
+    (with the result known so far) on failure. ``module`` may be None (see KubeProxyCleanup)."""
     KubeProxyCleanup.validate(params)
     job = KubeProxyCleanup(module, backends=params["backends"], families=params["families"],
                            nftables=params["nftables"], include_kubelet_chains=params["include_kubelet_chains"],
@@ -527,8 +537,8 @@ def run_cleanup(module, params, check_mode=False, want_diff=False):
         result["backups"] = job.apply()
         if job.leftovers():
             # kube-proxy still running puts its rules straight back
-            module.warn("kube-proxy rules are present again right after the cleanup; is kube-proxy still "
-                        "running on this node?")
+            job.warn("kube-proxy rules are present again right after the cleanup; is kube-proxy still "
+                     "running on this node?")
     result["removed"] = job.removed()
     if want_diff:
         result["diff"] = job.diff()

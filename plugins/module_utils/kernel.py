@@ -1,12 +1,13 @@
 # -*- coding: utf-8 -*-
 # Copyright: kldload.netstack contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""What a node's kernel offers the dataplane: version, config, BTF, mounts, WireGuard, requirements.
+"""What a node's kernel offers the dataplane: version, config, BTF, WireGuard, requirements.
 
-Everything is read from /proc and /sys. The one thing that is asked of the kernel rather than read
-is WireGuard support: a WireGuard link is created over rtnetlink inside a network namespace made
-for the purpose and thrown away with it, because only the kernel knows whether it can (a module
-that is not loaded yet may be autoloaded; a config file may not match the running kernel).
+Everything is read from /proc and /sys (the mount table and statfs(2): mounts.py). The one thing
+that is asked of the kernel rather than read is WireGuard support: a WireGuard link is created
+over rtnetlink inside a network namespace made for the purpose and thrown away with it, because
+only the kernel knows whether it can (a module that is not loaded yet may be autoloaded; a config
+file may not match the running kernel).
 """
 
 from __future__ import absolute_import, division, print_function

@@ -119,7 +119,7 @@ actions:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.kldload.netstack.plugins.module_utils.bpf import run_bpffs
+from ansible_collections.kldload.netstack.plugins.module_utils.bpffs import BpffsError, run_bpffs
 
 
 def main():
@@ -132,7 +132,14 @@ def main():
         ),
         supports_check_mode=True,
     )
-    module.exit_json(**run_bpffs(module, module.params, module.check_mode, module._diff))
+    try:
+        result = run_bpffs(module, module.params, module.check_mode, module._diff)
+    except BpffsError as e:
+        module.fail_json(msg=str(e), **e.fields)
+    except OSError as e:
+        module.fail_json(msg="bpffs at %s: reading the node failed: %s" % (module.params["path"], e),
+                         path=module.params["path"])
+    module.exit_json(**result)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,11 @@ def main():
         ),
         supports_check_mode=True,
     )
-    facts = gather(module, module.params["wireguard_probe"], module.params["iptables"])
+    try:
+        facts = gather(module, module.params["wireguard_probe"], module.params["iptables"])
+    except (OSError, ValueError) as e:
+        # /proc or /sys unreadable, a kernel release that is not one: no partial facts
+        module.fail_json(msg="gathering eBPF facts failed: %s" % e)
     result = dict(changed=False, ansible_facts=dict(netstack_ebpf=facts))
     result.update(facts)
     module.exit_json(**result)

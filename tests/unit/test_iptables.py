@@ -347,7 +347,10 @@ class FakeModule:
             return None
         return "/usr/sbin/" + binary
 
-    def run_command(self, argv, data=None, binary_data=False, check_rc=False):
+    def run_command(self, argv, data=None, binary_data=False, check_rc=False, environ_update=None):
+        # every tool runs in the C locale (runner.Tool); stdin is passed as is
+        assert environ_update == {"LC_ALL": "C", "LANG": "C"}
+        assert binary_data == (data is not None)
         return self.node.run(argv, data)
 
     def warn(self, msg):
@@ -528,6 +531,18 @@ def test_incompatible_nft_table_is_reported(tmp_path):
     assert result["changed"] is True
     assert module.warnings == ["iptables-nft-save: Table `raw' is incompatible, use 'nft' tool. "
                                "(that table is not cleaned)"]
+
+
+def test_warnings_are_kept_once_and_need_no_module():
+    job = ipt.KubeProxyCleanup(None)
+    job.warn("one")
+    job.warn("one")
+    assert job.warnings == ["one"]
+    module = FakeModule(FakeNode())
+    job = ipt.KubeProxyCleanup(module)
+    job.warn("two")
+    job.warn("two")
+    assert job.warnings == ["two"] and module.warnings == ["two"]
 
 
 @pytest.mark.parametrize("override,needle", [

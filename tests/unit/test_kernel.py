@@ -7,18 +7,6 @@ import pytest
 
 from ansible_collections.kldload.netstack.plugins.module_utils import kernel
 
-HYBRID = """\
-25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
-26 25 0:24 / /sys/fs/cgroup rw,nosuid,nodev,noexec shared:8 - tmpfs tmpfs ro,mode=755
-27 26 0:25 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw
-28 26 0:26 / /sys/fs/cgroup/cpu rw,nosuid - cgroup cgroup rw,cpu
-40 25 0:33 / /sys/fs/bpf rw,nosuid,nodev,noexec,relatime shared:15 - bpf bpf rw,mode=700
-41 30 0:34 / /run/my\\040bpf rw,relatime - bpf bpffs rw
-"""
-ELSEWHERE = "27 26 0:25 / /run/cg2 rw - cgroup2 none rw\n"
-UNIFIED = "27 26 0:25 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw\n"
-
-
 @pytest.mark.parametrize("release,expected", [
     ("6.18.44-fc-v669", (6, 18, 44)), ("5.14.0-427.el9.x86_64", (5, 14, 0)), ("4.19", (4, 19, 0)),
 ])
@@ -29,29 +17,6 @@ def test_parse_release(release, expected):
 def test_parse_release_rejects_garbage():
     with pytest.raises(ValueError):
         kernel.parse_release("linux")
-
-
-def test_cgroup2_detected_on_hybrid_and_unified_layouts():
-    assert kernel.cgroup2_path(kernel.parse_mountinfo(HYBRID)) == "/sys/fs/cgroup/unified"
-    assert kernel.cgroup2_path(kernel.parse_mountinfo(UNIFIED)) == "/sys/fs/cgroup"
-    assert kernel.cgroup2_path(kernel.parse_mountinfo(ELSEWHERE)) == "/run/cg2"
-    assert kernel.cgroup2_path(kernel.parse_mountinfo(HYBRID.replace("cgroup2 cgroup2", "cgroup cgroup"))) is None
-    assert kernel.cgroup2_path([]) is None
-
-
-def test_mountinfo_fields():
-    mounts = kernel.parse_mountinfo(HYBRID)
-    assert mounts[2] == ("/sys/fs/cgroup/unified", "cgroup2", "cgroup2", "rw,nosuid,nodev,noexec,relatime")
-    assert kernel.parse_mountinfo("garbage\n\n") == []
-
-
-def test_the_real_mount_table_parses():
-    mounts = kernel.read_mounts()
-    assert any(m[0] == "/" for m in mounts)
-
-
-def test_bpf_mounts_with_escaped_names():
-    assert kernel.bpf_mounts(kernel.parse_mountinfo(HYBRID)) == ["/sys/fs/bpf", "/run/my bpf"]
 
 
 def test_config_from_gzip_then_boot(tmp_path):
@@ -187,3 +152,42 @@ def test_real_probe_leaves_no_link_behind():
     # a kind every kernel has: the probe machinery itself works end to end
     assert kernel.probe_link_kind("bridge")[0] in (True, False)
     assert os.listdir("/sys/class/net") == before
+
+
+# -- facts.gather and the ebpf_facts module ---------------------------------------------------------
+
+def test_gather_runs_without_a_module():
+    from ansible_collections.kldload.netstack.plugins.module_utils import facts, mounts
+
+    found = facts.gather(None, wireguard_probe=False, iptables=False)
+    assert found["cgroup2_path"] == mounts.cgroup2_path()
+    assert found["bpffs_mounts"] == mounts.bpf_mounts(mounts.read_mounts())
+    assert found["wireguard"]["detail"] == "probe disabled (wireguard_probe=false)"
+    assert "iptables" not in found and set(found["requirements_unmet"]) <= set(r["name"] for r in found["requirements"])
+    if found["bpftool"]["path"]:
+        assert found["bpftool"]["version"]
+
+
+def test_ebpf_facts_turns_backend_errors_into_fail_json(monkeypatch):
+    from ansible_collections.kldload.netstack.plugins.modules import ebpf_facts as mod
+
+    seen = {}
+
+    class Failed(Exception):
+        pass
+
+    class FakeAnsibleModule:
+        def __init__(self, argument_spec, supports_check_mode=False):
+            self.params = dict((k, v.get("default")) for k, v in argument_spec.items())
+
+        def fail_json(self, **kw):
+            seen.update(kw)
+            raise Failed()
+
+    def broken(module, wireguard_probe, iptables):
+        raise ValueError("not a kernel release: 'linux'")
+    monkeypatch.setattr(mod, "AnsibleModule", FakeAnsibleModule)
+    monkeypatch.setattr(mod, "gather", broken)
+    with pytest.raises(Failed):
+        mod.main()
+    assert seen == dict(msg="gathering eBPF facts failed: not a kernel release: 'linux'")
