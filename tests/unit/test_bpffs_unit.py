@@ -230,7 +230,7 @@ def test_a_stale_mount_unit_for_an_api_mount_point_is_removed(tmp_path):
     (units / "sys-fs-bpf.mount").write_text(bpffs.UNIT_MARKER + "\n[Mount]\n")
     (units / "local-fs.target.wants" / "sys-fs-bpf.mount").symlink_to(units / "sys-fs-bpf.mount")
     found = bpffs.inspect("/sys/fs/bpf", unit_dir=str(units), mounts=[("/sys/fs/bpf", "bpf", "bpffs", "rw")],
-                        magic=lambda p: mounts.BPF_FS_MAGIC)
+                          magic=lambda p: mounts.BPF_FS_MAGIC)
     assert found["state"]["stale_unit"].startswith(bpffs.UNIT_MARKER)
     assert found["facts"]["unit_path"] == str(units / "netstack-bpffs-sys-fs-bpf.service")
     after, actions = bpffs.plan(found["state"], found["facts"])

@@ -7,6 +7,7 @@ import pytest
 
 from ansible_collections.kldload.netstack.plugins.module_utils import kernel
 
+
 @pytest.mark.parametrize("release,expected", [
     ("6.18.44-fc-v669", (6, 18, 44)), ("5.14.0-427.el9.x86_64", (5, 14, 0)), ("4.19", (4, 19, 0)),
 ])
