@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Build the node-side unit: build/node/ with netstack.pyz (the node command and every
 module_utils file it can import, as one zipapp) and bpf/ (every compiled object with its manifest).
 Run by `make node`; the dataplane role copies build/node/ to /usr/lib/kldload-netstack/ in one step.

@@ -97,7 +97,7 @@ options:
     description:
       - Maglev table size M per service (a prime, at least 10 times the largest Maglev backend count).
         Fixed while Maglev services exist. C(kln_lb_maglev) must hold C((Maglev services + 1) * 2 * M)
-        entries (by default 64 * 2 * 16381: up to 63 Maglev services).
+        entries (by default 64 * 2 * 16381, for up to 63 Maglev services).
     type: int
     default: 16381
   state_file:
