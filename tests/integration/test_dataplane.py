@@ -141,9 +141,9 @@ def test_node_dataplane_four_times_traffic_bad_input_and_removal(lab, node):
                          expect_fail=True)
         assert "config.routes[0].dst" in res["msg"]
         assert lab.module(host, "kldload.netstack.node_dataplane", args, check=True)["changed"] is False
-        gone = lab.module(host, "kldload.netstack.node_dataplane", {"state": "absent", "pin_path": args["pin_path"],
-                                                                     "state_file": args["state_file"],
-                                                                     "config_path": args["config_path"]})
+        absent = {"state": "absent", "pin_path": args["pin_path"], "state_file": args["state_file"],
+                  "config_path": args["config_path"]}
+        gone = lab.module(host, "kldload.netstack.node_dataplane", absent)
         assert gone["changed"] and sorted(gone["files_removed"]) == [ND + "/dataplane.json", ND + "/services.json"]
         assert lab.sh(host, "test -e %s" % args["pin_path"], check=False).returncode != 0
         assert lab.sh(host, "ls %s" % ND).stdout.split() == []

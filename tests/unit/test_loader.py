@@ -308,8 +308,8 @@ def test_bad_input_names_the_field(node, tmp_path):
     with pytest.raises(loader.ProgError, match=r"name: 'globals' must be a plain name"):
         loader.object_spec("globals", SOCK_LB)
     with pytest.raises(loader.ProgError, match=r"attach\[0\].cgroup: /nonexistent is not a directory"):
-        loader.ensure(root, [loader.object_spec("x", PEEK, attach=[{"program": "kln_peek_egress", "type": "egress",
-                                                                     "cgroup": "/nonexistent"}])])
+        nowhere = [{"program": "kln_peek_egress", "type": "egress", "cgroup": "/nonexistent"}]
+        loader.ensure(root, [loader.object_spec("x", PEEK, attach=nowhere)])
     with pytest.raises(loader.ProgError, match=r"is not on a BPF file system"):
         loader.ensure(str(tmp_path / "notbpffs"), objects(cg))
     assert not os.path.exists(root)
