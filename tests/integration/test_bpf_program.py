@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 NAME = "netdev_test"
+PIN = "/sys/fs/bpf/kldload-netstack-netdev"   # not the dataplane's pin root (node_dataplane owns that one)
 DEV = "kln-test0"
 
 SRC = r"""
@@ -65,12 +66,12 @@ def node(lab):
                  "ip link set %s-p netns kln-test-peer && ip -n kln-test-peer addr add 169.254.77.2/30 dev %s-p && "
                  "ip -n kln-test-peer link set %s-p up" % ((DEV,) * 8))
     yield host
-    lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "state": "absent"})
+    lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "pin_path": PIN, "state": "absent"})
     lab.sh(host, "ip link del %s; ip netns del kln-test-peer; rm -f /run/netdev1.o /run/netdev2.o" % DEV, check=False)
 
 
 def _args(obj="/run/netdev1.o", **extra):
-    args = {"name": NAME, "object": obj, "attach": [
+    args = {"name": NAME, "pin_path": PIN, "object": obj, "attach": [
         {"program": "xdp_count", "type": "xdp", "device": DEV, "xdp_mode": "generic"},
         {"program": "tc_in", "type": "tc_ingress", "device": DEV},
         {"program": "tc_out", "type": "tcx_egress", "device": DEV}]}
@@ -79,14 +80,14 @@ def _args(obj="/run/netdev1.o", **extra):
 
 
 def _counters(lab, host):
-    out = json.loads(lab.sh(host, "bpftool -j map dump pinned /sys/fs/bpf/kldload-netstack/%s/maps/counters" % NAME).stdout)
+    out = json.loads(lab.sh(host, "bpftool -j map dump pinned %s/%s/maps/counters" % (PIN, NAME)).stdout)
     return [int(e["value"]) if not isinstance(e["value"], list) else
             int.from_bytes(bytes(int(b, 16) for b in e["value"]), "little") for e in out]
 
 
 def test_xdp_and_tcx_four_times_and_traffic(lab, node):
     host = node
-    lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "state": "absent"})
+    lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "pin_path": PIN, "state": "absent"})
     first, applied, again, recheck = lab.four_times(host, "kldload.netstack.bpf_program", _args())
     assert sorted(a["type"] for a in applied["attachments"]) == ["tcx_egress", "tcx_ingress", "xdp"]
     assert all(a["device"] == DEV for a in applied["attachments"])
@@ -119,7 +120,7 @@ def test_upgrade_keeps_links_and_map_contents(lab, node):
 def test_absent_detaches_from_the_device(lab, node):
     host = node
     lab.module(host, "kldload.netstack.bpf_program", _args())
-    lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "state": "absent"})
+    lab.module(host, "kldload.netstack.bpf_program", {"name": NAME, "pin_path": PIN, "state": "absent"})
     net = json.loads(lab.sh(host, "bpftool -j net show dev %s" % DEV).stdout)[0]
     assert net["xdp"] == [] and net["tc"] == []
-    assert lab.sh(host, "test -e /sys/fs/bpf/kldload-netstack/%s" % NAME, check=False).returncode != 0
+    assert lab.sh(host, "test -e %s" % PIN, check=False).returncode != 0
