@@ -15,10 +15,10 @@ setup:
 lab: setup lab-up install verify
 
 lab-up:
-	$(PLAYBOOK) -i localhost, playbooks/lab.yml -e lab_state=up
+	$(PLAYBOOK) -i localhost, lab/playbooks/lab.yml -e lab_state=up
 
 lab-down:
-	$(PLAYBOOK) -i localhost, playbooks/lab.yml -e lab_state=down
+	$(PLAYBOOK) -i localhost, lab/playbooks/lab.yml -e lab_state=down
 
 install verify uninstall:
 	$(PLAYBOOK) -i $(LAB_INVENTORY) playbooks/$@.yml

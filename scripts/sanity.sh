@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# ansible-test sanity needs the collection at .../ansible_collections/kldload/netstack and outside
-# any other git work tree: copy it there and run.
+# ansible-test sanity needs each collection at .../ansible_collections/<namespace>/<name> and outside
+# any other git work tree: copy the product (the repository root) and the lab collection (lab/) side
+# by side there, run the whole sanity suite on the product and the tests that matter for the lab's
+# modules on the lab (it imports the product's module_utils, found in the same tree).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
-dest=${TMPDIR:-/tmp}/netstack-sanity/ansible_collections/kldload/netstack
-mkdir -p "$dest"
-rsync -a --delete --delete-excluded --exclude .venv --exclude .collections --exclude .ansible --exclude .git --exclude tests/output \
-  --exclude .pytest_cache --exclude __pycache__ --exclude '*.o' ./ "$dest/"
-cd "$dest"
-"$repo/.venv/bin/ansible-test" sanity --python 3.11 "$@"
+top=${TMPDIR:-/tmp}/netstack-sanity/ansible_collections/kldload
+mkdir -p "$top/netstack" "$top/netstack_lab"
+excludes=(--exclude .venv --exclude .collections --exclude .ansible --exclude .git --exclude tests/output
+  --exclude .pytest_cache --exclude __pycache__ --exclude '*.o' --exclude build)
+rsync -a --delete --delete-excluded "${excludes[@]}" --exclude /lab ./ "$top/netstack/"
+rsync -a --delete --delete-excluded "${excludes[@]}" lab/ "$top/netstack_lab/"
+(cd "$top/netstack" && "$repo/.venv/bin/ansible-test" sanity --python 3.11 "$@")
+if [ $# -eq 0 ]; then
+  (cd "$top/netstack_lab" && "$repo/.venv/bin/ansible-test" sanity --python 3.11 \
+    --test validate-modules --test pep8 --test pylint --test compile --test yamllint --test ansible-doc)
+fi

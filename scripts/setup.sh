@@ -32,6 +32,8 @@ fi
 # The repository root is the collection: expose it as kldload.netstack to Ansible.
 mkdir -p .collections/ansible_collections/kldload
 ln -sfn ../../.. .collections/ansible_collections/kldload/netstack
+# The one-machine lab is a collection of its own (lab/), not part of the product.
+ln -sfn ../../../lab .collections/ansible_collections/kldload/netstack_lab
 # ansible-test bootstraps pip in its sanity venvs with a script it downloads from a host that is
 # not reachable here; give it the offline equivalent (pip version of the pinned ansible-core).
 mkdir -p ~/.ansible/test/cache

@@ -114,12 +114,6 @@ def config_flags(config, names=CONFIG_FLAGS):
     return dict((k, config.get(k, "n")) for k in names)
 
 
-# -- mounts (module_utils/mounts.py; re-exported here until every caller imports mounts) ------------
-
-from ansible_collections.kldload.netstack.plugins.module_utils.mounts import (  # noqa: E402,F401 pylint: disable=unused-import
-    bpf_mounts, cgroup2_path, parse_mountinfo, read_mounts)
-
-
 # -- WireGuard probe ------------------------------------------------------------------------------
 
 _CLONE_NEWNET = 0x40000000

@@ -1,6 +1,6 @@
 """Integration tests run against the lab (the embedded default): real systemd-nspawn nodes.
 
-The session fixture ``lab`` brings the lab up with playbooks/lab.yml unless it is already up and
+The session fixture ``lab`` brings the lab up with lab/playbooks/lab.yml unless it is already up and
 reachable, and gives tests a way to run a module on a node (through ansible, over SSH, exactly as
 a user would) and to run shell commands on a node.
 """
@@ -88,13 +88,16 @@ class Lab:
                 name, host, expect_fail, json.dumps(result, indent=2)[-6000:]))
         return result
 
-    def four_times(self, host, name, args=None):
-        """check, apply, apply again, check again; assert the changed pattern. Returns the results."""
+    def four_times(self, host, name, args=None, changes=True):
+        """check, apply, apply again, check again; assert the changed pattern - the first two change
+        something (or, with ``changes=False``, nothing: a run against what is already there), the
+        last two do not. Returns the results."""
         first = self.module(host, name, args, check=True, diff=True)
         applied = self.module(host, name, args, diff=True)
         again = self.module(host, name, args, diff=True)
         recheck = self.module(host, name, args, check=True, diff=True)
-        assert first["changed"] == applied["changed"], (first, applied)
+        assert first["changed"] is changes, first
+        assert applied["changed"] is changes, applied
         assert again["changed"] is False, again
         assert recheck["changed"] is False, recheck
         return first, applied, again, recheck
@@ -113,7 +116,7 @@ class Lab:
     def restart(self, host, timeout=120):
         """Reboot one node container the lab's own way (clean poweroff, boot the same root)."""
         args = self.node_args(host, state="restarted", boot_timeout=timeout)
-        self.module("localhost", "kldload.netstack.lab_node", args)
+        self.module("localhost", "kldload.netstack_lab.lab_node", args)
 
     def node_args(self, host, **extra):
         """lab_node arguments that describe an existing lab node as the lab role made it."""
@@ -153,5 +156,5 @@ def lab():
     if os.geteuid() != 0:
         pytest.skip("the lab needs root")
     if not _lab_reachable():
-        run_playbook("playbooks/lab.yml", "-e", "lab_state=up", inventory="localhost,")
+        run_playbook("lab/playbooks/lab.yml", "-e", "lab_state=up", inventory="localhost,")
     return Lab(INVENTORY)

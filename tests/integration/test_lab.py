@@ -62,11 +62,11 @@ def test_a_node_that_does_not_boot_is_named_with_its_boot_log(lab, tmp_path):
     args = {"name": "broken", "rootfs": str(bad_root), "mgmt_address": "10.77.0.99/24",
             "lan_address": "192.168.1.99/24", "authorized_key": "ssh-ed25519 AAAA test", "boot_timeout": 20}
     try:
-        res = lab.module("localhost", "kldload.netstack.lab_node", args, expect_fail=True)
+        res = lab.module("localhost", "kldload.netstack_lab.lab_node", args, expect_fail=True)
         assert "lab node broken did not come up" in res["msg"], res["msg"]
         assert "boot.log" in res["msg"]
     finally:
-        lab.module("localhost", "kldload.netstack.lab_node", {"name": "broken", "state": "absent"})
+        lab.module("localhost", "kldload.netstack_lab.lab_node", {"name": "broken", "state": "absent"})
     assert not (STATE_DIR / "nodes" / "broken").exists()
     assert "kln-broken" not in _netns()
 
@@ -78,30 +78,30 @@ def _netns():
 def test_lab_modules_four_times(lab):
     """lab_network and lab_node: check, apply, apply again, check again, for what exists and for a
     new node (check mode makes nothing), then the new node absent the same way."""
-    for first in lab.four_times("localhost", "kldload.netstack.lab_network"):
+    for first in lab.four_times("localhost", "kldload.netstack_lab.lab_network", changes=False):
         assert first["changed"] is False
-    for first in lab.four_times("localhost", "kldload.netstack.lab_node", lab.node_args("cp1")):
+    for first in lab.four_times("localhost", "kldload.netstack_lab.lab_node", lab.node_args("cp1"), changes=False):
         assert first["changed"] is False
     extra = lab.node_args("cp1", name="extra1", mgmt_address="10.77.0.98/24", lan_address="192.168.1.98/24")
     try:
-        check = lab.module("localhost", "kldload.netstack.lab_node", extra, check=True)
+        check = lab.module("localhost", "kldload.netstack_lab.lab_node", extra, check=True)
         assert check["changed"] and "boot extra1" in check["actions"]
         assert "kln-extra1" not in _netns() and not (STATE_DIR / "nodes" / "extra1").exists()
-        first, applied, again, recheck = lab.four_times("localhost", "kldload.netstack.lab_node", extra)
+        first, applied, again, recheck = lab.four_times("localhost", "kldload.netstack_lab.lab_node", extra)
         assert applied["changed"] and applied["pid"] > 1
         proc = subprocess.run(["ssh", "-i", lab.key, "-o", "StrictHostKeyChecking=no", "-o",
                                "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "root@10.77.0.98", "hostname"],
                               capture_output=True, text=True, check=False, timeout=60)
         assert proc.stdout.strip() == "extra1", proc.stderr
     finally:
-        gone = lab.four_times("localhost", "kldload.netstack.lab_node", {"name": "extra1", "state": "absent"})
+        gone = lab.four_times("localhost", "kldload.netstack_lab.lab_node", {"name": "extra1", "state": "absent"})
     assert gone[0]["changed"] and "kln-extra1" not in _netns()
 
 
 def test_down_twice_then_up_twice(lab):
     """down, down again (fine, nothing to do), up, up again (changes nothing)."""
-    run_playbook("playbooks/lab.yml", "-e", "lab_state=down", inventory="localhost,")
-    again = run_playbook("playbooks/lab.yml", "-e", "lab_state=down", inventory="localhost,")
+    run_playbook("lab/playbooks/lab.yml", "-e", "lab_state=down", inventory="localhost,")
+    again = run_playbook("lab/playbooks/lab.yml", "-e", "lab_state=down", inventory="localhost,")
     assert _recap_changed(again) == 0
     assert not STATE_DIR.exists()
     assert subprocess.run(["pgrep", "-x", "systemd-nspawn"], capture_output=True, check=False).returncode == 1
@@ -109,10 +109,10 @@ def test_down_twice_then_up_twice(lab):
     assert "kln-" not in netns
     assert subprocess.run(["ip", "link", "show", "klnmgmt0"], capture_output=True, check=False).returncode != 0
 
-    up = run_playbook("playbooks/lab.yml", "-e", "lab_state=up", inventory="localhost,")
+    up = run_playbook("lab/playbooks/lab.yml", "-e", "lab_state=up", inventory="localhost,")
     secs = float(re.search(r"lab up in ([0-9.]+) s", up.stdout).group(1))
     print("lab up (cached rootfs) took %.1f s" % secs)
-    again = run_playbook("playbooks/lab.yml", "-e", "lab_state=up", inventory="localhost,")
+    again = run_playbook("lab/playbooks/lab.yml", "-e", "lab_state=up", inventory="localhost,")
     assert _recap_changed(again) == 0
     for h in lab.hosts("all"):
         assert lab.sh(h, "systemctl is-system-running").stdout.strip() == "running"

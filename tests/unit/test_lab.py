@@ -1,6 +1,6 @@
 import pytest
 
-from ansible_collections.kldload.netstack.plugins.module_utils import lab
+from ansible_collections.kldload.netstack_lab.plugins.module_utils import lab
 
 
 class _FakeLab:

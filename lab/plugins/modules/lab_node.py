@@ -76,7 +76,7 @@ author:
 
 EXAMPLES = r"""
 - name: Boot a worker
-  kldload.netstack.lab_node:
+  kldload.netstack_lab.lab_node:
     name: worker1
     rootfs: /var/cache/kldload-netstack/rootfs-trixie-0123abcd
     mgmt_address: 10.77.0.12/24
@@ -103,7 +103,7 @@ netns:
 import re
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.kldload.netstack.plugins.module_utils.lab import Lab, LabError, Node
+from ansible_collections.kldload.netstack_lab.plugins.module_utils.lab import Lab, LabError, Node
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import ToolError
 
 

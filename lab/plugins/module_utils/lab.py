@@ -23,7 +23,7 @@ import time
 import uuid
 
 from ansible.module_utils.basic import missing_required_lib
-from ansible_collections.kldload.netstack.plugins.module_utils.kernel import cgroup2_path, read_mounts
+from ansible_collections.kldload.netstack.plugins.module_utils.mounts import cgroup2_path, read_mounts
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool
 
 try:

@@ -46,7 +46,7 @@ author:
 
 EXAMPLES = r"""
 - name: Lab segments
-  kldload.netstack.lab_network:
+  kldload.netstack_lab.lab_network:
     state: present
 """
 
@@ -59,7 +59,7 @@ actions:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.kldload.netstack.plugins.module_utils.lab import Lab, LabError
+from ansible_collections.kldload.netstack_lab.plugins.module_utils.lab import Lab, LabError
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import ToolError
 
 
