@@ -6,10 +6,16 @@ LAB_INVENTORY := /var/lib/kldload-netstack/lab/inventory.yml
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: setup lab lab-up lab-down install verify uninstall test unit lint sanity integration molecule clean
+.PHONY: setup node lab lab-up lab-down install verify uninstall test unit lint sanity integration molecule clean
 
 setup:
 	bash scripts/setup.sh
+
+## The node bundle the dataplane role installs: the eBPF objects with their manifests, and the node
+## command with its library as one zipapp (build/node/).
+node:
+	$(MAKE) -s -C bpf
+	python3 scripts/build_node.py
 
 ## The embedded default: lab up, then the install and verify playbooks on it.
 lab: setup lab-up install verify

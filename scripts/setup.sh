@@ -38,6 +38,6 @@ ln -sfn ../../../lab .collections/ansible_collections/kldload/netstack_lab
 # not reachable here; give it the offline equivalent (pip version of the pinned ansible-core).
 mkdir -p ~/.ansible/test/cache
 cp scripts/get_pip_offline.py ~/.ansible/test/cache/get_pip_24_2.py
-# The eBPF objects the dataplane role copies to the nodes (nodes need no compiler).
-make -s -C bpf
+# The node bundle the dataplane role copies to the nodes (nodes need no compiler): build/node/.
+make -s node
 echo "setup: ok"
