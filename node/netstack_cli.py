@@ -50,9 +50,10 @@ def cmd_version(args):
         cfg = _config()
     except runtime.ConfigError:
         cfg = runtime.default_config()
-    for o in cfg["objects"]:
-        path = runtime.object_path(cfg, o["name"])
-        out["installed_objects"][o["name"]] = loader.file_sha256(path) if os.path.isfile(path) else None
+    if os.path.isfile(cfg["bundle"]):
+        with runtime.unpacked(dict(cfg, objects=[{"name": n} for n in runtime.bundle_objects(cfg["bundle"])])) as paths:
+            for name, path in paths.items():
+                out["installed_objects"][name] = loader.file_sha256(path)
     for name, rep in loader.report(cfg["pin_path"])["objects"].items():
         out["pinned_versions"][name] = rep["version"]
     if args.json:
@@ -64,7 +65,7 @@ def cmd_version(args):
         pinned = out["pinned_versions"].get(name) or "not loaded"
         print("  %-10s built %s  installed %s  pinned %s%s" % (
             name, (built or "-")[:12], (inst or "missing")[:12], pinned,
-            "" if built == inst else "  (installed object differs from this command's build)"))
+            "" if built == inst else "  (the installed bundle is not this command's build)"))
 
 
 def cmd_lb_list(args):

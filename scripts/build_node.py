@@ -1,7 +1,8 @@
-"""Build the node-side unit: build/node/ with netstack.pyz (the node command and every
-module_utils file it can import, as one zipapp) and bpf/ (every compiled object with its manifest).
-Run by `make node`; the dataplane role copies build/node/ to /usr/lib/kldload-netstack/ in one step.
-Nothing here is listed by hand: the zipapp takes the whole plugins/module_utils tree.
+"""Build the node-side unit: build/node/netstack.pyz, one executable zipapp holding the node
+command, every module_utils file (the whole plugins/module_utils tree: nothing is listed by hand)
+and every compiled eBPF object with its manifest (netstack_objects/). Run by `make node`; the
+dataplane role copies this one file to the node, and the node_dataplane module and
+`netstack dataplane restore` load the objects from it.
 """
 import hashlib
 import json
@@ -77,11 +78,12 @@ def main():
             json.dump(info, f, indent=1, sort_keys=True)
         with open(os.path.join(src, "__main__.py"), "w") as f:
             f.write("from netstack_cli import main\nmain()\n")
-        shutil.rmtree(OUT, ignore_errors=True)
-        os.makedirs(os.path.join(OUT, "bpf"))
+        os.makedirs(os.path.join(src, "netstack_objects"))
         for n in objects:
             for suffix in (".o", ".manifest.json"):
-                shutil.copy(os.path.join(bpf_build, n + suffix), os.path.join(OUT, "bpf", n + suffix))
+                shutil.copy(os.path.join(bpf_build, n + suffix), os.path.join(src, "netstack_objects", n + suffix))
+        shutil.rmtree(OUT, ignore_errors=True)
+        os.makedirs(OUT)
         _zipapp(src, os.path.join(OUT, "netstack.pyz"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,7 @@ import stat
 
 from ansible_collections.kldload.netstack.plugins.module_utils.mounts import (
     BPF_FS_MAGIC, read_mounts, statfs_magic)
+from ansible_collections.kldload.netstack.plugins.module_utils import units
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool, ToolError
 
 UNIT_DIR = "/etc/systemd/system"
@@ -184,14 +185,6 @@ def canonical_path(path):
 
 # -- reading --------------------------------------------------------------------------------------
 
-def _read(path):
-    try:
-        with open(path) as f:
-            return f.read()
-    except (IOError, OSError):
-        return None
-
-
 def _kind(path):
     try:
         st = os.lstat(path)
@@ -226,7 +219,7 @@ def inspect(path, unit_dir=UNIT_DIR, mounts=None, magic=statfs_magic):
     if systemd_api_path(path):
         stale_unit = os.path.join(unit_dir, mount_unit_name(path))
         stale_wants = os.path.join(unit_dir, WANTED_BY + ".wants", mount_unit_name(path))
-        text = _read(stale_unit)
+        text = units.read(stale_unit)
         if text is not None and text.startswith(UNIT_MARKER):
             stale = text
     kind = _kind(path)
@@ -253,7 +246,7 @@ def inspect(path, unit_dir=UNIT_DIR, mounts=None, magic=statfs_magic):
         except OSError:
             empty = None
     return dict(
-        state=dict(path=path, mounted=bool(here), fstype=fstype, mode=mode, unit=_read(unit),
+        state=dict(path=path, mounted=bool(here), fstype=fstype, mode=mode, unit=units.read(unit),
                    enabled=os.path.islink(wants), stale_unit=stale),
         facts=dict(kind=kind, empty=empty, unit_path=unit, wants_path=wants, stacked=len(here),
                    service=systemd_api_path(path), stale_unit_path=stale_unit, stale_wants_path=stale_wants),
@@ -327,15 +320,11 @@ def plan(before, facts, state="present", persistent=True, mode=None):
 
 # -- applying -------------------------------------------------------------------------------------
 
-def _systemd_running():
-    return os.path.isdir("/run/systemd/system")
-
-
 def apply(module, path, facts, actions, mode=None):
     """Carry out ``actions`` (from plan) for ``path``; ToolError or OSError on failure."""
     unit, wants = facts["unit_path"], facts["wants_path"]
     systemctl = Tool(module, "systemctl")
-    systemd = _systemd_running() and systemctl.available
+    systemd = units.systemd_running() and systemctl.available
     for action in actions:
         if action == "mkdir":
             os.makedirs(path, 0o755)
@@ -344,13 +333,9 @@ def apply(module, path, facts, actions, mode=None):
         elif action == "chmod":
             os.chmod(path, mode | stat.S_ISVTX)
         elif action == "write_unit":
-            _write(unit, unit_text(path, mode))
+            units.write(unit, unit_text(path, mode))
         elif action == "enable":
-            if not os.path.isdir(os.path.dirname(wants)):
-                os.makedirs(os.path.dirname(wants), 0o755)
-            if os.path.lexists(wants):
-                os.unlink(wants)
-            os.symlink(unit, wants)
+            units.enable(unit, wants)
         elif action == "stop" and systemd:
             systemctl.run("stop", os.path.basename(unit))
         elif action == "umount":
@@ -371,16 +356,6 @@ def apply(module, path, facts, actions, mode=None):
             systemctl.run("daemon-reload")
         elif action == "start" and systemd:
             systemctl.run("start", os.path.basename(unit))
-
-
-def _write(path, text):
-    if not os.path.isdir(os.path.dirname(path)):
-        os.makedirs(os.path.dirname(path), 0o755)
-    tmp = path + ".netstack-tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.rename(tmp, path)
 
 
 def run_bpffs(module, params, check_mode=False, want_diff=False):

@@ -134,7 +134,52 @@ def wireguard_facts(module, probe=True):
                 tools=tools is not None, tools_path=tools)
 
 
-def gather(module, wireguard_probe=True, iptables=True):
+OS_FAMILIES = (("debian", "Debian"), ("ubuntu", "Debian"), ("rhel", "RedHat"), ("centos", "RedHat"),
+               ("fedora", "RedHat"), ("rocky", "RedHat"), ("almalinux", "RedHat"))
+
+
+def parse_os_release(text):
+    """{id, version_id, family} from /etc/os-release text; family as Ansible names it (Debian, RedHat)."""
+    fields = {}
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            k, v = line.split("=", 1)
+            fields[k.strip()] = v.strip().strip('"').strip("'")
+    ids = [fields.get("ID", "")] + fields.get("ID_LIKE", "").split()
+    family = next((fam for i in ids for name, fam in OS_FAMILIES if i == name), None)
+    return dict(id=fields.get("ID"), version_id=fields.get("VERSION_ID"), family=family)
+
+
+def os_facts(path="/etc/os-release"):
+    try:
+        with open(path) as f:
+            return parse_os_release(f.read())
+    except (IOError, OSError):
+        return dict(id=None, version_id=None, family=None)
+
+
+def missing_packages(module, family, names):
+    """The packages of ``names`` that are not installed, asked of dpkg or rpm in one call (None when
+    neither can be asked)."""
+    if not names:
+        return []
+    if family == "Debian":
+        rc, out, err = Tool(module, "dpkg-query").run("-W", "-f", "${db:Status-Abbrev} ${Package}\n", *names,
+                                                       check=False)
+        if rc == 127:
+            return None
+        installed = set(ln.split()[-1] for ln in out.splitlines() if ln.startswith("ii"))
+    elif family == "RedHat":
+        rc, out, err = Tool(module, "rpm").run("-q", "--qf", "%{NAME}\n", *names, check=False)
+        if rc == 127:
+            return None
+        installed = set(ln.strip() for ln in out.splitlines() if " " not in ln.strip())
+    else:
+        return None
+    return sorted(n for n in names if n.split(":")[0] not in installed)
+
+
+def gather(module, wireguard_probe=True, iptables=True, packages=None):
     release = platform.release()
     version = kernel.parse_release(release)
     source, config = kernel.read_config(release)
@@ -152,7 +197,12 @@ def gather(module, wireguard_probe=True, iptables=True):
         wireguard=wireguard,
         bpftool=bpftool_facts(module),
         libbpf=libbpf_facts(),
+        os=os_facts(),
     )
+    if packages is not None:
+        names = packages.get(facts["os"]["family"])
+        facts["packages_missing"] = missing_packages(module, facts["os"]["family"], list(names)) \
+            if isinstance(names, list) else None
     if iptables:
         facts["iptables"] = iptables_facts(module)
     facts["requirements"] = kernel.evaluate_requirements(version, btf, cgroup2, bpffs, config, wireguard["kernel"])

@@ -15,14 +15,17 @@ Configuration::
 
     {"schema": 1,
      "pin_path": "/sys/fs/bpf/kldload-netstack",
-     "objects_dir": "/usr/lib/kldload-netstack/bpf",
+     "bundle": "/usr/lib/kldload-netstack/netstack.pyz",
      "objects": [{"name": "sock_lb", "targets": {"cgroup": null, "families": [4, 6], "devices": []}}],
      "maps": {"kln_lb4_svc": 131072},
      "lb": {"maglev_table_size": 16381, "state_file": "/var/lib/kldload-netstack/lb/services.json",
             "destroy_udp_sockets": true},
      "routes": [{"dst": "10.244.11.0/24", "via": "192.168.1.21"}]}
 
-``maps`` sizes maps by name, whichever object declares them. ``targets.cgroup`` null means the node's cgroup2 mount (detected, never assumed). A node agent
+``bundle`` is the node unit the dataplane role installs (``make node``): the node command and its
+library as one zipapp, with every eBPF object and its manifest inside (``netstack_objects/``); the
+objects are unpacked from it into a private directory for each apply. ``maps`` sizes maps by name,
+whichever object declares them. ``targets.cgroup`` null means the node's cgroup2 mount (detected, never assumed). A node agent
 (flow events, endpoint watch) will read the same file; its section will be ``agent``.
 No Ansible imports.
 """
@@ -31,17 +34,23 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
+import zipfile
 
-from ansible_collections.kldload.netstack.plugins.module_utils import lb, loader, routes
+from ansible_collections.kldload.netstack.plugins.module_utils import lb, loader, routes, units
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool
 
 CONFIG_PATH = "/etc/kldload-netstack/dataplane.json"
-OBJECTS_DIR = "/usr/lib/kldload-netstack/bpf"
+BUNDLE = "/usr/lib/kldload-netstack/netstack.pyz"
+BUNDLE_OBJECTS = "netstack_objects/"
+RESTORE_UNIT = "netstack-dataplane.service"
 STATE_FILE = "/var/lib/kldload-netstack/lb/services.json"
 SCHEMA = 1
-_TOP_KEYS = ("schema", "pin_path", "objects_dir", "objects", "maps", "lb", "routes")
+_TOP_KEYS = ("schema", "pin_path", "bundle", "objects", "maps", "lb", "routes")
 _OBJ_KEYS = ("name", "targets")
 _TARGET_KEYS = ("cgroup", "families", "devices", "xdp_mode")
 _LB_KEYS = ("maglev_table_size", "state_file", "destroy_udp_sockets")
@@ -52,7 +61,7 @@ class ConfigError(ValueError):
 
 
 def default_config():
-    return {"schema": SCHEMA, "pin_path": loader.DEFAULT_PIN_PATH, "objects_dir": OBJECTS_DIR,
+    return {"schema": SCHEMA, "pin_path": loader.DEFAULT_PIN_PATH, "bundle": BUNDLE,
             "objects": [{"name": "sock_lb", "targets": {"cgroup": None, "families": [4, 6], "devices": []}}],
             "maps": {},
             "lb": {"maglev_table_size": lb.DEFAULT_MAGLEV_M, "state_file": STATE_FILE, "destroy_udp_sockets": True},
@@ -73,7 +82,7 @@ def validate(cfg):
     out = default_config()
     if cfg.get("schema", SCHEMA) != SCHEMA:
         raise ConfigError("config.schema: %r is not a schema this release reads (%d)" % (cfg.get("schema"), SCHEMA))
-    for k in ("pin_path", "objects_dir"):
+    for k in ("pin_path", "bundle"):
         v = cfg.get(k, out[k])
         if not isinstance(v, str) or not os.path.isabs(v):
             raise ConfigError("config.%s: must be an absolute path, got %r" % (k, v))
@@ -147,20 +156,47 @@ def config_text(cfg):
     return json.dumps(cfg, indent=1, sort_keys=True) + "\n"
 
 
-def object_path(cfg, name):
-    return os.path.join(cfg["objects_dir"], name + ".o")
-
-
 def globals_dir(cfg):
     return os.path.join(cfg["pin_path"], loader.GLOBALS)
 
 
-def _objects(cfg):
+def bundle_objects(bundle):
+    """Names of the objects inside the node bundle."""
+    with zipfile.ZipFile(bundle) as z:
+        return sorted(n[len(BUNDLE_OBJECTS):-2] for n in z.namelist()
+                      if n.startswith(BUNDLE_OBJECTS) and n.endswith(".o"))
+
+
+@contextlib.contextmanager
+def unpacked(cfg):
+    """The configured objects and their manifests unpacked from the bundle into a private directory
+    (removed afterwards): {name: object path}. ConfigError names an object the bundle does not have."""
+    tmp = tempfile.mkdtemp(prefix="netstack-objects-", dir="/run" if os.path.isdir("/run") else None)
+    try:
+        with zipfile.ZipFile(cfg["bundle"]) as z:
+            have = set(z.namelist())
+            out = {}
+            for i, o in enumerate(cfg["objects"]):
+                member = BUNDLE_OBJECTS + o["name"] + ".o"
+                if member not in have:
+                    raise ConfigError("config.objects[%d].name: %s is not in the bundle %s (it has %s)"
+                                      % (i, o["name"], cfg["bundle"], ", ".join(bundle_objects(cfg["bundle"])) or "none"))
+                for suffix in (".o", ".manifest.json"):
+                    path = os.path.join(tmp, o["name"] + suffix)
+                    with open(path, "wb") as f:
+                        f.write(z.read(BUNDLE_OBJECTS + o["name"] + suffix))
+                out[o["name"]] = os.path.join(tmp, o["name"] + ".o")
+        yield out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _objects(cfg, paths):
     """loader.object_spec() of every object, each with the sizes of the maps its manifest declares."""
     out = []
     declared = set()
     for o in cfg["objects"]:
-        path = object_path(cfg, o["name"])
+        path = paths[o["name"]]
         names = set(loader.load_manifest(path, required=True)["maps"])
         declared |= names
         out.append(loader.object_spec(o["name"], path, targets=o["targets"],
@@ -172,16 +208,38 @@ def _objects(cfg):
     return out
 
 
+def restore_unit_text(cfg, config_path):
+    env = "" if config_path == CONFIG_PATH else "Environment=NETSTACK_CONFIG=%s\n" % config_path
+    return ("# Managed by kldload.netstack (node_dataplane)\n"
+            "# Applies the node configuration (%s) again at boot: bpffs is empty after a reboot, so the\n"
+            "# objects are loaded and attached again, the last applied service table is written back and the\n"
+            "# direct routes are made - the same function the node_dataplane module runs.\n"
+            "[Unit]\n"
+            "Description=kldload.netstack dataplane (eBPF objects, service table, routes)\n"
+            "After=local-fs.target network.target netstack-bpffs-sys-fs-bpf.service\n"
+            "Wants=netstack-bpffs-sys-fs-bpf.service\n"
+            "\n"
+            "[Service]\n"
+            "Type=oneshot\n"
+            "RemainAfterExit=yes\n"
+            "%s"
+            "ExecStart=/usr/bin/python3 %s dataplane restore\n"
+            "\n"
+            "[Install]\n"
+            "WantedBy=multi-user.target\n") % (config_path, env, cfg["bundle"])
+
+
 def _runner(module):
     def run(argv):
         return Tool(module, argv[0]).run(*argv[1:], check=False)
     return run
 
 
-def apply(cfg, services=None, check=False, config_path=None, module=None):
+def apply(cfg, services=None, check=False, config_path=None, module=None, restore_unit=False):
     """Make the node match ``cfg``: objects, attachments, the service table, routes; then write the
-    configuration to ``config_path`` (when given). ``services``: the whole service table, or None for
-    the last applied one (the LB state file and its journal: what boot-time restore programs).
+    configuration to ``config_path`` (when given) and, with ``restore_unit``, the unit that applies it
+    again at boot. ``services``: the whole service table, or None for the last applied one (the LB
+    state file and its journal: what boot-time restore programs).
 
     Returns {changed, config {changed, before, after}, dataplane (loader result), lb (lb.sync
     result), routes [changes], missing [objects not installed]}. Raises ConfigError, lb.LbError,
@@ -190,24 +248,28 @@ def apply(cfg, services=None, check=False, config_path=None, module=None):
     table = services if services is not None else lb.load_state(cfg["lb"]["state_file"])
     lb.normalize(table, cfg["lb"]["maglev_table_size"])        # every service checked before anything is touched
     text = config_text(cfg)
-    before_text = _read_text(config_path) if config_path else None
+    before_text = units.read(config_path) if config_path else None
     res = {"config": {"changed": config_path is not None and before_text != text, "path": config_path,
                       "before": before_text or "", "after": text}, "missing": [], "udp_sockets_destroyed": 0}
-    missing = [o["name"] for o in cfg["objects"] if not os.path.isfile(object_path(cfg, o["name"]))]
-    if missing and not check:
-        raise loader.ProgError("objects %s are not installed in %s" % (", ".join(missing), cfg["objects_dir"]))
-    res["missing"] = missing
-    if missing:     # check mode on a node where the objects are not installed yet: all of it would be new
-        res["dataplane"] = {"changed": True, "actions": ["install and load %s" % n for n in missing],
+    if not os.path.isfile(cfg["bundle"]):
+        if not check:
+            raise ConfigError("config.bundle: %s is not installed (the dataplane role installs it)" % cfg["bundle"])
+        # check mode on a node where the bundle is not installed yet: all of it would be new
+        res["missing"] = [o["name"] for o in cfg["objects"]]
+        res["dataplane"] = {"changed": True, "actions": ["install and load %s" % n for n in res["missing"]],
                             "before": {}, "after": {}, "report": {"objects": {}, "globals": {}}}
     else:
-        res["dataplane"] = loader.ensure(cfg["pin_path"], _objects(cfg), check=check, prune=True, module=module)
+        with unpacked(cfg) as paths:
+            res["dataplane"] = loader.ensure(cfg["pin_path"], _objects(cfg, paths), check=check, prune=True,
+                                             module=module)
     res["lb"] = _lb(cfg, table, check, module, res)
     res["routes"] = routes.sync(cfg["routes"], check=check)
-    res["changed"] = bool(res["config"]["changed"] or res["dataplane"]["changed"] or res["lb"]["changed"]
-                          or res["routes"])
     if res["config"]["changed"] and not check:
-        _write_text(config_path, text)
+        units.write(config_path, text)
+    res["unit"] = units.ensure_unit(RESTORE_UNIT, restore_unit_text(cfg, config_path), "multi-user.target", check=check,
+                                    module=module) if restore_unit else []
+    res["changed"] = bool(res["config"]["changed"] or res["dataplane"]["changed"] or res["lb"]["changed"]
+                          or res["routes"] or res["unit"])
     return res
 
 
@@ -228,19 +290,20 @@ def _lb(cfg, table, check, module, res):
                    state_file=cfg["lb"]["state_file"], on_backends_gone=gone)
 
 
-def remove(cfg, check=False, config_path=None, module=None):
-    """Take the dataplane off the node: every object and shared map, the routes it owns, the LB state
-    file and its journal, the configuration file."""
+def remove(cfg, check=False, config_path=None, module=None, restore_unit=False):
+    """Take the dataplane off the node: the restore unit (with ``restore_unit``), every object and
+    shared map, the routes it owns, the LB state file and its journal, the configuration file."""
     cfg = validate(cfg)
+    unit = units.remove_unit(RESTORE_UNIT, "multi-user.target", check=check, module=module) if restore_unit else []
     res = {"dataplane": loader.ensure(cfg["pin_path"], [], state="absent", check=check, prune=True, module=module),
-           "routes": routes.sync([], check=check), "files": []}
+           "routes": routes.sync([], check=check), "files": [], "unit": unit}
     sf = cfg["lb"]["state_file"]
     for p in [sf, sf + ".journal"] + ([config_path] if config_path else []):
         if os.path.lexists(p):
             res["files"].append(p)
             if not check:
                 os.unlink(p)
-    res["changed"] = bool(res["dataplane"]["changed"] or res["routes"] or res["files"])
+    res["changed"] = bool(res["dataplane"]["changed"] or res["routes"] or res["files"] or res["unit"])
     return res
 
 
@@ -254,22 +317,3 @@ def status(cfg):
     except (lb.LbError, OSError):
         rep["services"] = None
     return rep
-
-
-def _read_text(path):
-    try:
-        with open(path) as f:
-            return f.read()
-    except (IOError, OSError):
-        return None
-
-
-def _write_text(path, text, mode=0o644):
-    d = os.path.dirname(path)
-    if d and not os.path.isdir(d):
-        os.makedirs(d, 0o755)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.rename(tmp, path)

@@ -134,7 +134,7 @@ EXAMPLES = r"""
   kldload.netstack.bpf_program:
     name: sock_lb
     pin_path: /sys/fs/bpf/my-test
-    object: /usr/lib/kldload-netstack/bpf/sock_lb.o
+    object: /usr/local/lib/my-bpf/sock_lb.o
     maps:
       kln_lb4_svc: 131072
     targets:
@@ -144,7 +144,7 @@ EXAMPLES = r"""
   kldload.netstack.bpf_program:
     name: sock_lb
     pin_path: /sys/fs/bpf/my-test
-    object: /usr/lib/kldload-netstack/bpf/sock_lb.o
+    object: /usr/local/lib/my-bpf/sock_lb.o
     attach:
       - {program: kln_connect4, type: connect4, cgroup: /sys/fs/cgroup/my-test}
       - {program: kln_sendmsg4, type: sendmsg4, cgroup: /sys/fs/cgroup/my-test}
@@ -152,7 +152,7 @@ EXAMPLES = r"""
 - name: An XDP program on eth0 in generic mode
   kldload.netstack.bpf_program:
     name: xdp_drop
-    object: /usr/lib/kldload-netstack/bpf/xdp_drop.o
+    object: /usr/local/lib/my-bpf/xdp_drop.o
     attach:
       - {program: xdp_drop, type: xdp, device: eth0, xdp_mode: generic}
 

@@ -42,6 +42,13 @@ options:
     description: Read the iptables backends and nftables tables (kube-proxy detection); V(false) omits RV(iptables).
     type: bool
     default: true
+  packages:
+    description:
+      - Package names per OS family (a mapping of family name, C(Debian) or C(RedHat), to a list). The list
+        of the node's family (RV(os.family)) is looked up in one C(dpkg-query) or C(rpm -q) call, and the
+        packages that are not installed are returned in RV(packages_missing). Not given - RV(packages_missing)
+        is left out.
+    type: dict
 notes:
   - Supports check mode; it never reports a change.
 author:
@@ -122,6 +129,18 @@ libbpf:
   description: Whether the libbpf shared library is present - C(present), C(library) (path), C(version).
   returned: always
   type: dict
+os:
+  description: The node's OS from C(/etc/os-release) - C(id), C(version_id), C(family) (C(Debian), C(RedHat), or null).
+  returned: always
+  type: dict
+  sample: {id: debian, version_id: "13", family: Debian}
+packages_missing:
+  description:
+    - The packages of the node's family in O(packages) that are not installed (null when the family is not in
+      O(packages), or neither dpkg nor rpm could be asked).
+  returned: when O(packages) is given
+  type: list
+  elements: str
 iptables:
   description:
     - Per C(<backend>_<family>) (legacy_ipv4, nft_ipv6, ...) - C(available), C(in_use), C(rules),
@@ -156,11 +175,12 @@ def main():
         argument_spec=dict(
             wireguard_probe=dict(type="bool", default=True),
             iptables=dict(type="bool", default=True),
+            packages=dict(type="dict"),
         ),
         supports_check_mode=True,
     )
     try:
-        facts = gather(module, module.params["wireguard_probe"], module.params["iptables"])
+        facts = gather(module, module.params["wireguard_probe"], module.params["iptables"], module.params["packages"])
     except (OSError, ValueError) as e:
         # /proc or /sys unreadable, a kernel release that is not one: no partial facts
         module.fail_json(msg="gathering eBPF facts failed: %s" % e)

@@ -16,8 +16,9 @@ description:
   - Writes the node configuration (O(config_path)) and makes the node match it in one step, through the same
     function C(netstack dataplane restore) runs at boot, so what a play applies and what a reboot brings back
     cannot differ.
-  - B(Objects.) Each object in O(objects) is a compiled eBPF object installed in O(objects_dir) as
-    C(<name>.o) with its manifest C(<name>.manifest.json) (the dataplane role installs them). The manifest
+  - B(Objects.) Each object in O(objects) is a compiled eBPF object with its manifest inside the node bundle
+    O(bundle) (C(netstack_objects/<name>.o) and C(<name>.manifest.json); C(make node) builds the bundle and
+    the dataplane role installs it). The manifest
     says which programs the object has and where each attaches (the node's cgroup2 root, devices, or pod
     interfaces), and which of its maps are shared with other objects. Objects are loaded and attached as
     M(kldload.netstack.bpf_program) does - verified first, programs swapped through BPF links without a gap,
@@ -31,8 +32,10 @@ description:
     carry routing protocol 193 (C(ip route) shows C(proto 193)); one no longer listed is deleted, a route of
     anyone else to the same destination is an error, never replaced.
   - Everything is validated before anything on the node is touched; bad input fails naming the field.
-  - O(state=absent) removes the dataplane - every object, shared map, owned route, the LB state file and its
-    journal, and the configuration file.
+  - B(Boot.) With O(restore_unit), the unit C(netstack-dataplane.service) (enabled) runs C(netstack dataplane
+    restore) at boot, which applies the same configuration again with the last applied service table.
+  - O(state=absent) removes the dataplane - the restore unit, every object, shared map, owned route, the LB
+    state file and its journal, and the configuration file.
 extends_documentation_fragment:
   - kldload.netstack.dataplane
   - kldload.netstack.dataplane.services
@@ -44,7 +47,7 @@ options:
     default: [{name: sock_lb}]
     suboptions:
       name:
-        description: Object name; its files are C(<objects_dir>/<name>.o) and C(<name>.manifest.json).
+        description: Object name; in the bundle, C(netstack_objects/<name>.o) and C(<name>.manifest.json).
         type: str
         required: true
       cgroup:
@@ -70,10 +73,19 @@ options:
         that map (its contents are lost; the service table is written again in the same run).
     type: dict
     default: {}
-  objects_dir:
-    description: Directory of the installed objects and their manifests.
+  bundle:
+    description:
+      - The node bundle (C(netstack.pyz), built by C(make node)) - the node command and its library as one zipapp,
+        with every object and its manifest inside. The objects are unpacked from it into a private directory for
+        each run.
     type: path
-    default: /usr/lib/kldload-netstack/bpf
+    default: /usr/lib/kldload-netstack/netstack.pyz
+  restore_unit:
+    description:
+      - Keep C(/etc/systemd/system/netstack-dataplane.service) (enabled) applying O(config_path) again at boot.
+        V(false) for a second, test instance of the dataplane that must not own the node's boot.
+    type: bool
+    default: true
   routes:
     description: Direct routes the dataplane owns (to the other nodes' pod CIDRs through their underlay addresses).
     type: list
@@ -171,6 +183,11 @@ routes:
   returned: always
   type: list
   elements: str
+unit:
+  description: Changes to the restore unit (written, enabled, removed).
+  returned: always
+  type: list
+  elements: str
 udp_sockets_destroyed:
   description: Connected UDP sockets destroyed because their backend left every service.
   returned: when state is present
@@ -193,7 +210,7 @@ from ansible_collections.kldload.netstack.plugins.module_utils.bpfsys import Bpf
 
 
 def _config(p):
-    return {"schema": runtime.SCHEMA, "pin_path": p["pin_path"], "objects_dir": p["objects_dir"],
+    return {"schema": runtime.SCHEMA, "pin_path": p["pin_path"], "bundle": p["bundle"],
             "objects": [{"name": o["name"],
                          "targets": {"cgroup": o["cgroup"] or None, "families": o["families"], "devices": o["devices"]}}
                         for o in p["objects"]],
@@ -213,7 +230,8 @@ def main():
             devices=dict(type="list", elements="str", default=[]),
         )),
         maps=dict(type="dict", default={}),
-        objects_dir=dict(type="path", default=runtime.OBJECTS_DIR),
+        bundle=dict(type="path", default=runtime.BUNDLE),
+        restore_unit=dict(type="bool", default=True),
         routes=dict(type="list", elements="dict", default=[], options=dict(
             dst=dict(type="str", required=True),
             via=dict(type="str", required=True),
@@ -227,10 +245,11 @@ def main():
     cfg = _config(p)
     try:
         if p["state"] == "absent":
-            res = runtime.remove(cfg, check=module.check_mode, config_path=p["config_path"], module=module)
+            res = runtime.remove(cfg, check=module.check_mode, config_path=p["config_path"], module=module,
+                                 restore_unit=p["restore_unit"])
         else:
             res = runtime.apply(cfg, argspec.services_from_params(p), check=module.check_mode,
-                                config_path=p["config_path"], module=module)
+                                config_path=p["config_path"], module=module, restore_unit=p["restore_unit"])
     except loader.ProgError as e:
         module.fail_json(msg=str(e), verifier_log=e.details)
     except (runtime.ConfigError, lb.LbError, routes.RouteError) as e:
@@ -239,7 +258,7 @@ def main():
         module.fail_json(msg="applying the dataplane failed: %s" % e)
     dp = res["dataplane"]
     out = dict(changed=res["changed"], actions=dp["actions"], objects=dp["report"]["objects"],
-               shared_maps=dp["report"]["globals"], routes=res["routes"])
+               shared_maps=dp["report"]["globals"], routes=res["routes"], unit=res["unit"])
     if p["state"] == "present":
         d = res["lb"]["diff"]
         out.update(services=res["lb"]["services"], added=d["added"], removed=d["removed"], service_changes=d["changed"],
@@ -269,6 +288,7 @@ def _diff(res, state):
         after += ["service %s %s changed: %s" % (c["service"], c["name"], json.dumps(
             dict((k, v) for k, v in c.items() if k not in ("service", "name")), sort_keys=True)) for c in d["changed"]]
     after += ["route %s" % r for r in res["routes"]]
+    after += ["unit: %s" % u for u in res["unit"]]
     return {"before": "\n".join(before) + "\n", "after": "\n".join(after) + "\n"}
 
 

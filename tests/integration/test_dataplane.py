@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO, run_playbook
 
-OBJ = "/usr/lib/kldload-netstack/bpf/sock_lb.o"
+OBJ = "/run/netstack-test-obj/sock_lb.o"            # the build's object and manifest, copied by _prepare
 NAME = "sock_lb_test"
 PIN = "/sys/fs/bpf/kldload-netstack-test"
 MAPDIR = "%s/globals" % PIN
@@ -49,8 +49,12 @@ def node(lab):
 
 
 def _prepare(lab, hosts, cg):
-    """The private cgroup on the test node and a test server on PORT on each of hosts (again after a reboot)."""
-    lab.sh(lab.hosts("kube_workers")[0], "mkdir -p %s" % cg)
+    """The private cgroup on the test node, the object there, and a test server on PORT on each of hosts
+    (again after a reboot: /run is empty then)."""
+    test_host = lab.hosts("kube_workers")[0]
+    lab.sh(test_host, "mkdir -p %s /run/netstack-test-obj" % cg)
+    for f in ("sock_lb.o", "sock_lb.manifest.json"):
+        _scp(lab, test_host, REPO / "bpf" / "build" / f, "/run/netstack-test-obj/" + f)
     for h in hosts:  # the test servers: backends on every node
         _scp(lab, h, PROBE_SRC, "/run/netstack-test-probe.py")
         lab.sh(h, "systemctl stop netstack-test-echo 2>/dev/null; systemd-run --unit netstack-test-echo --collect "

@@ -185,10 +185,27 @@ def test_ebpf_facts_turns_backend_errors_into_fail_json(monkeypatch):
             seen.update(kw)
             raise Failed()
 
-    def broken(module, wireguard_probe, iptables):
+    def broken(module, wireguard_probe, iptables, packages=None):
         raise ValueError("not a kernel release: 'linux'")
     monkeypatch.setattr(mod, "AnsibleModule", FakeAnsibleModule)
     monkeypatch.setattr(mod, "gather", broken)
     with pytest.raises(Failed):
         mod.main()
     assert seen == dict(msg="gathering eBPF facts failed: not a kernel release: 'linux'")
+
+
+def test_os_release_families():
+    from ansible_collections.kldload.netstack.plugins.module_utils import facts
+    assert facts.parse_os_release('ID=debian\nVERSION_ID="13"\n') == {"id": "debian", "version_id": "13", "family": "Debian"}
+    assert facts.parse_os_release('ID="centos"\nID_LIKE="rhel fedora"\nVERSION_ID="9"\n')["family"] == "RedHat"
+    assert facts.parse_os_release('ID=rocky\nID_LIKE="rhel centos fedora"\n')["family"] == "RedHat"
+    assert facts.parse_os_release('ID=arch\n')["family"] is None
+
+
+def test_missing_packages_asks_the_package_database():
+    from ansible_collections.kldload.netstack.plugins.module_utils import facts
+    if not os.path.exists("/usr/bin/dpkg-query"):
+        pytest.skip("not a Debian machine")
+    assert facts.missing_packages(None, "Debian", ["bash", "no-such-package-netstack"]) == ["no-such-package-netstack"]
+    assert facts.missing_packages(None, "Debian", []) == []
+    assert facts.missing_packages(None, "Plan9", ["bash"]) is None

@@ -44,17 +44,40 @@ def test_configuration_errors_name_the_field(cfg, message):
     assert message in str(e.value)
 
 
+def _bundle(tmp_path):
+    path = str(tmp_path / "netstack.pyz")
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(runtime.BUNDLE_OBJECTS + "sock_lb.o", b"not really an object")
+        z.writestr(runtime.BUNDLE_OBJECTS + "sock_lb.manifest.json", open(SOCK_LB_MANIFEST).read())
+    return path
+
+
 def test_map_sizes_must_belong_to_an_object(tmp_path):
-    d = tmp_path / "bpf"
-    d.mkdir()
-    (d / "sock_lb.o").write_bytes(b"")
-    (d / "sock_lb.manifest.json").write_text(open(SOCK_LB_MANIFEST).read())
-    cfg = runtime.validate({"objects_dir": str(d), "maps": {"kln_lb4_svc": 1024, "kln_lb_nope": 5}})
-    with pytest.raises(runtime.ConfigError, match=r"config.maps: kln_lb_nope not a map of any object \(sock_lb\)"):
-        runtime._objects(cfg)   # pylint: disable=protected-access
-    cfg = runtime.validate({"objects_dir": str(d), "maps": {"kln_lb4_svc": 1024, "kln_lb4_revnat": 8}})
-    spec = runtime._objects(cfg)[0]   # pylint: disable=protected-access
-    assert spec["sizes"] == {"kln_lb4_svc": 1024, "kln_lb4_revnat": 8}
+    cfg = runtime.validate({"bundle": _bundle(tmp_path), "maps": {"kln_lb4_svc": 1024, "kln_lb_nope": 5}})
+    with runtime.unpacked(cfg) as paths:
+        with pytest.raises(runtime.ConfigError, match=r"config.maps: kln_lb_nope not a map of any object \(sock_lb\)"):
+            runtime._objects(cfg, paths)   # pylint: disable=protected-access
+    cfg = runtime.validate({"bundle": cfg["bundle"], "maps": {"kln_lb4_svc": 1024, "kln_lb4_revnat": 8}})
+    with runtime.unpacked(cfg) as paths:
+        spec = runtime._objects(cfg, paths)[0]   # pylint: disable=protected-access
+        assert spec["sizes"] == {"kln_lb4_svc": 1024, "kln_lb4_revnat": 8}
+        assert open(paths["sock_lb"], "rb").read() == b"not really an object"
+    assert not os.path.exists(paths["sock_lb"])              # unpacked for the run only
+
+
+def test_an_object_the_bundle_does_not_have(tmp_path):
+    cfg = runtime.validate({"bundle": _bundle(tmp_path), "objects": [{"name": "sock_lb"}, {"name": "policy"}]})
+    with pytest.raises(runtime.ConfigError, match=r"config.objects\[1\].name: policy is not in the bundle .* \(it has sock_lb\)"):
+        with runtime.unpacked(cfg):
+            pass
+
+
+def test_restore_unit_runs_the_bundle_with_the_configuration():
+    cfg = runtime.default_config()
+    text = runtime.restore_unit_text(cfg, runtime.CONFIG_PATH)
+    assert "ExecStart=/usr/bin/python3 /usr/lib/kldload-netstack/netstack.pyz dataplane restore" in text
+    assert "NETSTACK_CONFIG" not in text and "WantedBy=multi-user.target" in text
+    assert "Environment=NETSTACK_CONFIG=/run/x.json\n" in runtime.restore_unit_text(cfg, "/run/x.json")
 
 
 def test_read_config_errors(tmp_path):
@@ -165,6 +188,7 @@ def test_node_bundle_is_one_zipapp_with_the_whole_library(tmp_path):
     if not os.path.exists(pyz):
         pytest.skip("make node has not run")
     names = set(zipfile.ZipFile(pyz).namelist())
+    assert {"netstack_objects/sock_lb.o", "netstack_objects/sock_lb.manifest.json"} <= names
     lib = os.path.join(REPO, "plugins", "module_utils")
     for d, _dirs, files in os.walk(lib):
         for f in files:

@@ -50,8 +50,9 @@ def test_socket_lb_attached_and_services_programmed(host, groups):
     attached = host.check_output("bpftool cgroup show %s" % cg)
     for prog in ("kln_connect4", "kln_sendmsg4", "kln_recvmsg4", "kln_getpeer4", "kln_connect6"):
         assert prog in attached
-    key = host.file("/usr/lib/kldload-netstack/bpf/sock_lb.o")
-    assert key.exists and key.mode == 0o644
+    bundle = host.file("/usr/lib/kldload-netstack/netstack.pyz")
+    assert bundle.exists and bundle.mode == 0o755
+    assert "sock_lb" in host.check_output("netstack version")
 
 
 def test_router_runs_frr(host, groups):
