@@ -12,8 +12,14 @@ excludes=(--exclude .venv --exclude .collections --exclude .ansible --exclude .g
   --exclude .pytest_cache --exclude __pycache__ --exclude '*.o' --exclude build)
 rsync -a --delete --delete-excluded "${excludes[@]}" --exclude /lab ./ "$top/netstack/"
 rsync -a --delete --delete-excluded "${excludes[@]}" lab/ "$top/netstack_lab/"
-(cd "$top/netstack" && "$repo/.venv/bin/ansible-test" sanity --python 3.11 "$@")
+# Both run even when the first fails (each failure is its own report); the exit status is the
+# first failure's.
+rc=0
+(cd "$top/netstack" && "$repo/.venv/bin/ansible-test" sanity --python 3.11 "$@") || rc=$?
 if [ $# -eq 0 ]; then
+  echo "=== kldload.netstack_lab (lab/)"
   (cd "$top/netstack_lab" && "$repo/.venv/bin/ansible-test" sanity --python 3.11 \
-    --test validate-modules --test pep8 --test pylint --test compile --test yamllint --test ansible-doc)
+    --test validate-modules --test pep8 --test pylint --test compile --test yamllint --test ansible-doc) \
+    || { r=$?; [ "$rc" -ne 0 ] || rc=$r; }
 fi
+exit "$rc"
