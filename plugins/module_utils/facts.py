@@ -164,13 +164,13 @@ def missing_packages(module, family, names):
     if not names:
         return []
     if family == "Debian":
-        rc, out, err = Tool(module, "dpkg-query").run("-W", "-f", "${db:Status-Abbrev} ${Package}\n", *names,
-                                                       check=False)
+        fmt = "${db:Status-Abbrev} ${Package}\n"
+        rc, out, _err = Tool(module, "dpkg-query").run("-W", "-f", fmt, *names, check=False)
         if rc == 127:
             return None
         installed = set(ln.split()[-1] for ln in out.splitlines() if ln.startswith("ii"))
     elif family == "RedHat":
-        rc, out, err = Tool(module, "rpm").run("-q", "--qf", "%{NAME}\n", *names, check=False)
+        rc, out, _err = Tool(module, "rpm").run("-q", "--qf", "%{NAME}\n", *names, check=False)
         if rc == 127:
             return None
         installed = set(ln.strip() for ln in out.splitlines() if " " not in ln.strip())

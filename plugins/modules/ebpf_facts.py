@@ -45,7 +45,7 @@ options:
   packages:
     description:
       - Package names per OS family (a mapping of family name, C(Debian) or C(RedHat), to a list). The list
-        of the node's family (RV(os.family)) is looked up in one C(dpkg-query) or C(rpm -q) call, and the
+        of the node's family (the C(family) of RV(os)) is looked up in one C(dpkg-query) or C(rpm -q) call, and the
         packages that are not installed are returned in RV(packages_missing). Not given - RV(packages_missing)
         is left out.
     type: dict
