@@ -11,7 +11,7 @@ traffic from outside the cluster CIDR (``--cluster-cidr`` set, i.e. the LocalDet
 ``--random-fully``, and the partial-sync payload of a one-service change.
 
 A service here is a dict ``{"name", "namespace", "vip", "port", "protocol", "backends": [{"ip",
-"port"}]}`` (the lb.py input), with port name ``http``. Only ClusterIP services, all with
+"port"}]}`` (lb.sync()'s input), with port name ``http``. Only ClusterIP services, all with
 endpoints, no NodePorts, no session affinity: the case being measured.
 """
 

@@ -8,7 +8,7 @@ private cgroup that this script creates and removes again (also on Ctrl-C / SIGT
 
 (a) New TCP connections per second (connect, 4-byte request, reply, close) to one ClusterIP
     VIP, with 1 .. 30,000 services x 10 backends, through
-      sock          the socket LB (bpf/build/sock_lb.o, maps filled with plugins/module_utils/lb.py)
+      sock          the socket LB (bpf/build/sock_lb.o, maps filled with plugins/module_utils/lb/)
       iptables      kube-proxy's iptables-mode rules, iptables (nf_tables backend, Debian 12 default)
       iptables-leg  the same rules through iptables-legacy (x_tables)
       nftables      kube-proxy's nftables-mode table (nft -f)
@@ -85,7 +85,7 @@ def timed(argv, input_path=None, timeout=None):
 
 
 def services(n):
-    """n services x 10 backends, in the lb.py input format; VIPs 10.96.0.1 .. (distinct)."""
+    """n services x 10 backends, in lb.sync()'s input format; VIPs 10.96.0.1 .. (distinct)."""
     bes = [{"ip": "10.200.0.%d" % i, "port": BACKEND_PORT, "weight": 1} for i in range(1, BACKENDS + 1)]
     out = []
     for i in range(n):
@@ -101,6 +101,48 @@ def one_changed(svcs, drop):
     return svcs[:-1] + [last]
 
 
+def map_specs(sizes=None):
+    """{map name: manifest spec} of bpf/sock_lb.manifest.json, max_entries from ``sizes`` where given."""
+    from ansible_collections.kldload.netstack.plugins.module_utils import manifest
+    specs = manifest.load(os.path.join(REPO, "bpf", "sock_lb.manifest.json"))["maps"]
+    for name, n in (sizes or {}).items():
+        specs[name] = dict(specs[name], max_entries=n)
+    return specs
+
+
+def create_maps(root, specs, names=None):
+    """Create and pin maps as the loader lays them out under the pin root ``root``: shared maps in
+    ``globals/<name>_v<version>``, private ones in ``sock_lb/maps/<name>``. Returns {name: pin path}."""
+    from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys, manifest
+    paths = {}
+    for name in names or sorted(specs):
+        spec = specs[name]
+        path = manifest.map_pin(root, "sock_lb", name, spec)
+        if not os.path.isdir(os.path.dirname(path)):
+            os.makedirs(os.path.dirname(path))
+        with bpfsys.map_create(spec["type"], spec["key_size"], spec["value_size"], spec["max_entries"], spec["flags"],
+                               name) as fd:
+            bpfsys.obj_pin(fd, path)
+        paths[name] = path
+    return paths
+
+
+def load_socket_lb(root, obj, sizes):
+    """The socket LB object on the pin root ``root`` (a private bpffs): its maps created from the manifest
+    (``sizes``: max_entries by map name), its programs loaded against them with bpftool. Returns (the
+    globals directory lb.sync() writes, the programs' pin directory, what was run). The one place to swap
+    for the shared loader (plugins/module_utils/loader.py) once the benchmark uses it."""
+    paths = create_maps(root, map_specs(sizes))
+    maparg = []
+    for name, path in sorted(paths.items()):
+        maparg += ["map", "name", name, "pinned", path]
+    progs = os.path.join(root, "sock_lb", "progs")
+    sh(["bpftool", "prog", "loadall", obj, progs] + maparg)
+    return (os.path.join(root, "globals"), progs,
+            "maps created from bpf/sock_lb.manifest.json (shared ones in globals/<name>_v<version>), "
+            "bpftool prog loadall %s with them" % os.path.relpath(obj, REPO))
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -112,6 +154,7 @@ class Bench:
         self.cgroup = None
         self.bpffs = None
         self.mapdir = None
+        self.svc_entries = None
         self.attached = []
         self.lb = None
         self.cpu = str(args.cpu)
@@ -199,23 +242,11 @@ class Bench:
         os.mkdir(self.bpffs)
         sh(["mount", "-t", "bpf", "bpf", self.bpffs])
         self.cleanups.append(lambda: sh(["umount", self.bpffs], check=False))
-        self.mapdir = os.path.join(self.bpffs, "maps")
-        os.mkdir(self.mapdir)
         svc_entries = 1
         while svc_entries < (max_services + 1) * (BACKENDS + 1) + 64:
             svc_entries *= 2
-        self.map_sizes = ["--size", "kln_lb4_svc=%d" % svc_entries]
-        specs = sh([sys.executable, os.path.join(REPO, "bpf", "tools", "lbctl.py"), "maps"] + self.map_sizes).stdout
-        maparg = []
-        self.map_specs = []
-        for line in specs.splitlines():
-            name, typ, k, v, n, flags = line.split()
-            self.map_specs.append((name, typ, k, v, n, flags))
-            sh(["bpftool", "map", "create", os.path.join(self.mapdir, name), "type", typ, "key", k, "value", v,
-                "entries", n, "name", name, "flags", flags])
-            maparg += ["map", "name", name, "pinned", os.path.join(self.mapdir, name)]
-        progs = os.path.join(self.bpffs, "progs")
-        sh(["bpftool", "prog", "loadall", self.obj, progs] + maparg)
+        self.svc_entries = svc_entries
+        self.mapdir, progs, how = load_socket_lb(self.bpffs, self.obj, {"kln_lb4_svc": svc_entries})
         cg2 = sh(["findmnt", "-n", "-o", "TARGET", "-t", "cgroup2"]).stdout.split("\n")[0].strip()
         if not cg2:
             raise RuntimeError("no cgroup2 mount")
@@ -226,9 +257,8 @@ class Bench:
                            ("getpeername4", "kln_getpeer4")):
             sh(["bpftool", "cgroup", "attach", self.cgroup, hook, "pinned", os.path.join(progs, prog)])
             self.attached.append((hook, os.path.join(progs, prog)))
-        self.results["commands"].append("socket LB: bpftool map create (kln_lb4_svc %d entries), bpftool prog loadall %s, "
-                                        "bpftool cgroup attach <private cgroup> connect4/sendmsg4/recvmsg4/getpeername4"
-                                        % (svc_entries, os.path.relpath(self.obj, REPO)))
+        self.results["commands"].append("socket LB: %s (kln_lb4_svc %d entries), bpftool cgroup attach <private cgroup> "
+                                        "connect4/sendmsg4/recvmsg4/getpeername4" % (how, svc_entries))
 
     def remove_cgroup(self):
         for hook, prog in self.attached:
@@ -439,21 +469,19 @@ class Bench:
         t0 = time.monotonic()
         lb.normalize(svcs)
         normalize = time.monotonic() - t0
-        maps = lb.Maps(self.mapdir)
+        from ansible_collections.kldload.netstack.plugins.module_utils.lb import pinned, state
+        maps = pinned.Maps(self.mapdir)
         try:
             t0 = time.monotonic()
-            lb.read_state(maps)
+            state.FullView(maps)
             read_state = time.monotonic() - t0
         finally:
             maps.close()
         # the floor: fresh kln_lb4_svc/kln_lb4_backend maps, entries pre-encoded, BPF_MAP_UPDATE_BATCH
-        floor_dir = os.path.join(self.bpffs, "floor")
-        os.mkdir(floor_dir)
+        floor_root = os.path.join(self.bpffs, "floor")
+        os.mkdir(floor_root)
         try:
-            for name, typ, k, v, n, flags in self.map_specs:
-                if name in ("kln_lb4_svc", "kln_lb4_backend"):
-                    sh(["bpftool", "map", "create", os.path.join(floor_dir, name), "type", typ, "key", k, "value", v,
-                        "entries", n, "name", name, "flags", flags])
+            create_maps(floor_root, map_specs({"kln_lb4_svc": self.svc_entries}), ["kln_lb4_svc", "kln_lb4_backend"])
             S = lb.S
             bes = [(i + 1, be) for i, be in enumerate(svcs[0]["backends"])]
             backend_items = [(S["lb_backend_key"].pack(bid), S["lb4_backend"].pack(bytes(map(int, be["ip"].split("."))),
@@ -469,26 +497,31 @@ class Bench:
                     cum += 1
                     slots.append((key(svc, slot), S["lb_service"].pack(bid, 0, sid, 0, 0, cum, 0, 0)))
                 masters.append((key(svc, 0), S["lb_service"].pack(0, len(bes), sid, 0, 0, cum, 0, 1)))
-            fm = lb.Maps(floor_dir, names=["kln_lb4_svc", "kln_lb4_backend"])
+
+            def joined(items):
+                return b"".join(k for k, _v in items), b"".join(v for _k, v in items)
+            batches = [joined(backend_items), joined(slots), joined(masters)]
+            last = svcs[-1]
+            change = joined(slots[-BACKENDS:-1] + [(key(last, 0), S["lb_service"].pack(0, BACKENDS - 1, len(svcs), 0, 0,
+                                                                                       BACKENDS - 1, 0, 2))])
+            fm = pinned.Maps(os.path.join(floor_root, "globals"), names=["kln_lb4_svc", "kln_lb4_backend"])
             try:
                 t0 = time.monotonic()
-                fm.update("kln_lb4_backend", backend_items)
-                fm.update("kln_lb4_svc", slots)
-                fm.update("kln_lb4_svc", masters)
+                fm.update("kln_lb4_backend", *batches[0])
+                fm.update("kln_lb4_svc", *batches[1])
+                fm.update("kln_lb4_svc", *batches[2])
                 floor_full = time.monotonic() - t0
-                last = svcs[-1]
                 t0 = time.monotonic()
-                fm.update("kln_lb4_svc", slots[-BACKENDS:-1])
-                fm.update("kln_lb4_svc", [(key(last, 0), S["lb_service"].pack(0, BACKENDS - 1, len(svcs), 0, 0, BACKENDS - 1, 0, 2))])
-                fm.delete("kln_lb4_svc", [key(last, BACKENDS)])
+                fm.update("kln_lb4_svc", *change)
+                fm.delete("kln_lb4_svc", key(last, BACKENDS))
                 floor_change = time.monotonic() - t0
             finally:
                 fm.close()
         finally:
-            shutil.rmtree(floor_dir, ignore_errors=True)
+            shutil.rmtree(floor_root, ignore_errors=True)
         b["lb_breakdown"] = {"normalize": normalize, "read_state": read_state, "floor_full": floor_full,
                              "floor_change": floor_change, "floor_full_entries": len(slots) + len(masters) + len(backend_items)}
-        log("part b: lb.normalize %.3f s, lb.read_state %.3f s, bpf() floor full %.3f s / change %.5f s"
+        log("part b: lb.normalize %.3f s, reading the maps %.3f s, bpf() floor full %.3f s / change %.5f s"
             % (normalize, read_state, floor_full, floor_change))
 
     def exact_noflush(self, n, legacy=False):
@@ -582,7 +615,7 @@ class Bench:
         for line in [
                 "client: ip netns exec NS taskset -c %s lbclient SECONDS VIP:%d   (direct: the 10 backend addresses:%d in turn)"
                 % (self.cpu, VIP_PORT, BACKEND_PORT)] + r["commands"] + [
-                "socket LB maps: lb.sync(mapdir, services, prune=True) (plugins/module_utils/lb.py); emptied with lb.sync(mapdir, []) first",
+                "socket LB maps: lb.sync(globals dir, services, prune=True) (plugins/module_utils/lb/); emptied with lb.sync(globals dir, []) first",
                 "iptables: ip netns exec NS iptables-restore %s --counters < kube-proxy's jump rules + first-sync filter and nat "
                 "tables (whole tables; see (b) for --noflush)" % lock,
                 "iptables-legacy: the same file with iptables-legacy-restore %s --counters" % lock,
@@ -655,7 +688,7 @@ class Bench:
                         p("    %-72s %9.5f s%s" % (clabel[x], ch[x]["median"], extra))
             bd = b.get("lb_breakdown")
             if bd:
-                p("  lb.sync breakdown: normalize() %.3f s, read_state() of the maps %.3f s;"
+                p("  lb.sync breakdown: lb.normalize() (validation, canonical form) %.3f s, reading the maps (state.FullView) %.3f s;"
                   % (bd["normalize"], bd["read_state"]))
                 p("  bpf() floor (pre-encoded entries, BPF_MAP_UPDATE_BATCH): full %.3f s (%d entries), one-service change %.5f s"
                   % (bd["floor_full"], bd["floor_full_entries"], bd["floor_change"]))

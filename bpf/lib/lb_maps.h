@@ -44,9 +44,9 @@
 #ifndef LB_BIDX_MAP_SIZE
 #define LB_BIDX_MAP_SIZE 131072
 #endif
-/* 256 service ids * 2 halves * M=1021  (~2 MiB); size it with the loader. */
+/* 64 service ids * 2 halves * M=16381 (8 MiB): up to 63 Maglev services; size it with the loader. */
 #ifndef LB_MAGLEV_MAP_SIZE
-#define LB_MAGLEV_MAP_SIZE (256 * 2 * 1021)
+#define LB_MAGLEV_MAP_SIZE (64 * 2 * 16381)
 #endif
 
 #ifdef KLN_PIN_BY_NAME

@@ -290,20 +290,31 @@ def map_update_batch(fd, items, key_size, value_size, chunk=65536):
     Falls back to one update per element where the kernel has no batch op for the map type
     (EINVAL/ENOTSUPP before any element was written). Returns the number of bpf() calls made.
     """
+    return map_update_batch_raw(fd, b"".join(k for k, _v in items), b"".join(v for _k, v in items),
+                                key_size, value_size, chunk)
+
+
+def map_update_batch_raw(fd, keys, values, key_size, value_size, chunk=65536):
+    """``map_update_batch`` of entries given as two buffers: every key back to back in ``keys``, every
+    value in ``values`` (what a caller that packs whole batches at once has). Returns the bpf() calls made."""
+    count = len(keys) // key_size
+    if len(keys) != count * key_size or len(values) != count * value_size:
+        raise ValueError("map_update_batch_raw: %d key bytes and %d value bytes are not whole entries of %d + %d"
+                         % (len(keys), len(values), key_size, value_size))
     calls = 0
-    for start in range(0, len(items), chunk):
-        part = items[start:start + chunk]
-        keys = ctypes.create_string_buffer(b"".join(k for k, _v in part), key_size * len(part))
-        vals = ctypes.create_string_buffer(b"".join(v for _k, v in part), value_size * len(part))
-        attr = _attr((16, "Q", _addr(keys)), (24, "Q", _addr(vals)), (32, "I", len(part)), (36, "I", fd))
+    for start in range(0, count, chunk):
+        n = min(chunk, count - start)
+        kb = ctypes.create_string_buffer(keys[start * key_size:(start + n) * key_size], key_size * n)
+        vb = ctypes.create_string_buffer(values[start * value_size:(start + n) * value_size], value_size * n)
+        attr = _attr((16, "Q", _addr(kb)), (24, "Q", _addr(vb)), (32, "I", n), (36, "I", fd))
         try:
             sys_bpf(MAP_UPDATE_BATCH, attr)
             calls += 1
         except BpfError as e:
             done = struct.unpack_from("=I", attr, 32)[0]
             if e.errno in (errno.EINVAL, errno.ENOTSUP, 524) and done == 0:
-                for k, v in part:
-                    map_update(fd, k, v)
+                for i in range(n):
+                    map_update(fd, kb.raw[i * key_size:(i + 1) * key_size], vb.raw[i * value_size:(i + 1) * value_size])
                     calls += 1
             else:
                 raise
@@ -332,16 +343,25 @@ def map_delete_batch(fd, keys, key_size, chunk=65536):
 
 def map_dump(fd, key_size, value_size, max_entries, chunk=4096):
     """All (key, value) pairs of a hash-like map, read with BPF_MAP_LOOKUP_BATCH."""
-    out = []
+    keys, values, count = map_dump_raw(fd, key_size, value_size, max_entries, chunk)
+    return [(keys[i * key_size:(i + 1) * key_size], values[i * value_size:(i + 1) * value_size]) for i in range(count)]
+
+
+def map_dump_raw(fd, key_size, value_size, max_entries, chunk=65536):
+    """Every entry of a map as (keys, values, count): the keys back to back in one bytes object, the
+    values likewise, read with BPF_MAP_LOOKUP_BATCH ``chunk`` entries at a time (a caller unpacks them
+    with ``struct.iter_unpack``, no slice per entry). Element by element where the kernel has no batch
+    lookup for the map type."""
     in_batch = ctypes.create_string_buffer(max(key_size, 8))
     out_batch = ctypes.create_string_buffer(max(key_size, 8))
-    first = True
     n = max(1, min(chunk, max_entries))
-    keys = ctypes.create_string_buffer(key_size * n)
-    vals = ctypes.create_string_buffer(value_size * n)
+    kbuf = ctypes.create_string_buffer(key_size * n)
+    vbuf = ctypes.create_string_buffer(value_size * n)
+    kparts, vparts, count = [], [], 0
+    first = True
     while True:
         attr = _attr((0, "Q", 0 if first else _addr(in_batch)), (8, "Q", _addr(out_batch)),
-                     (16, "Q", _addr(keys)), (24, "Q", _addr(vals)), (32, "I", n), (36, "I", fd))
+                     (16, "Q", _addr(kbuf)), (24, "Q", _addr(vbuf)), (32, "I", n), (36, "I", fd))
         try:
             sys_bpf(MAP_LOOKUP_BATCH, attr)
             end = False
@@ -349,15 +369,16 @@ def map_dump(fd, key_size, value_size, max_entries, chunk=4096):
             if e.errno == errno.ENOENT:
                 end = True
             elif e.errno in (errno.EINVAL, errno.ENOTSUP, 524) and first:
-                return _map_dump_iter(fd, key_size, value_size)
+                pairs = _map_dump_iter(fd, key_size, value_size)
+                return b"".join(k for k, _v in pairs), b"".join(v for _k, v in pairs), len(pairs)
             else:
                 raise
         got = struct.unpack_from("=I", attr, 32)[0]
-        kr, vr = keys.raw, vals.raw
-        for i in range(got):
-            out.append((kr[i * key_size:(i + 1) * key_size], vr[i * value_size:(i + 1) * value_size]))
+        kparts.append(ctypes.string_at(kbuf, got * key_size))
+        vparts.append(ctypes.string_at(vbuf, got * value_size))
+        count += got
         if end:
-            return out
+            return b"".join(kparts), b"".join(vparts), count
         ctypes.memmove(in_batch, out_batch, len(out_batch))
         first = False
 

@@ -111,15 +111,20 @@ options:
     type: bool
     default: true
   map_dir:
-    description: Directory of the pinned maps (C(<pin_path>/<name>/maps) of M(kldload.netstack.bpf_program)).
+    description:
+      - The node's shared map directory, C(<pin root>/globals), where the socket LB object's shared maps are
+        pinned once per node under C(<map name>_v<layout version>) (C(kln_lb4_svc_v1), ...). The module opens
+        those maps and checks their layout; the object's private maps are never opened.
     type: path
-    default: /sys/fs/bpf/kldload-netstack/sock_lb/maps
+    default: /sys/fs/bpf/kldload-netstack/globals
   maglev_table_size:
     description:
       - Maglev table size M per service (a prime, at least 10 times the largest Maglev backend count).
-        Fixed while Maglev services exist. C(kln_lb_maglev) must hold C((services + 1) * 2 * M) entries.
+        Fixed while Maglev services exist. C(kln_lb_maglev) must hold C((services + 1) * 2 * M) entries; its
+        default size, C(64 * 2 * 16381), holds 63 Maglev services of the default M.
+      - With 16381, removing one of 100 backends moves under 1 % of the flows on the other backends.
     type: int
-    default: 1021
+    default: 16381
   state_file:
     description:
       - JSON file where the declared services are kept after a successful write (names for listing,
@@ -131,7 +136,7 @@ options:
     type: bool
     default: true
 requirements:
-  - The socket LB maps pinned (M(kldload.netstack.bpf_program)); root.
+  - The socket LB object loaded, its shared maps pinned in O(map_dir) (the C(kldload.netstack.dataplane) role); root.
 notes:
   - Supports check mode and diff mode. The diff lists services added, removed and changed, with the
     backends added or removed and the weights changed.
@@ -256,7 +261,7 @@ def main():
                 )),
             )),
             prune=dict(type="bool", default=True),
-            map_dir=dict(type="path", default="/sys/fs/bpf/kldload-netstack/sock_lb/maps"),
+            map_dir=dict(type="path", default="/sys/fs/bpf/kldload-netstack/globals"),
             maglev_table_size=dict(type="int", default=lb.DEFAULT_MAGLEV_M),
             state_file=dict(type="path", default="/var/lib/kldload-netstack/lb/services.json"),
             destroy_udp_sockets=dict(type="bool", default=True),

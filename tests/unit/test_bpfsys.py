@@ -266,3 +266,30 @@ def test_fd_closes_on_exit(root_only):
         assert os.path.exists("/proc/self/fd/%d" % fd)
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_raw_batch_update_and_dump(hmap):
+    keys = b"".join(_key(i) for i in range(1, 701))
+    values = b"".join(_val(i) for i in range(1, 701))
+    assert bpfsys.map_update_batch_raw(hmap, keys, values, 4, 8, chunk=256) == 3
+    k, v, n = bpfsys.map_dump_raw(hmap, 4, 8, 1000)
+    assert n == 700 and len(k) == 700 * 4 and len(v) == 700 * 8
+    got = dict(zip(struct.iter_unpack("=I", k), struct.iter_unpack("=Q", v)))
+    assert got == dict(((i,), (i * 1000003 + 7,)) for i in range(1, 701))
+    # in several batches, and the pairs map_dump gives are the same entries
+    assert sorted(zip(struct.iter_unpack("=I", bpfsys.map_dump_raw(hmap, 4, 8, 1000, chunk=64)[0]),
+                      struct.iter_unpack("=Q", bpfsys.map_dump_raw(hmap, 4, 8, 1000, chunk=64)[1]))) == sorted(got.items())
+    assert sorted(bpfsys.map_dump(hmap, 4, 8, 1000)) == sorted((_key(i), _val(i)) for i in range(1, 701))
+    with pytest.raises(ValueError, match="not whole entries"):
+        bpfsys.map_update_batch_raw(hmap, keys[:-1], values, 4, 8)
+    assert bpfsys.map_update_batch_raw(hmap, b"", b"", 4, 8) == 0
+
+
+def test_raw_dump_of_an_empty_map_and_an_array(root_only):
+    with bpfsys.map_create("hash", 4, 8, 16, bpfsys.F_NO_PREALLOC, "e") as fd:
+        assert bpfsys.map_dump_raw(fd, 4, 8, 16) == (b"", b"", 0)
+    with bpfsys.map_create("array", 4, 4, 8, 0, "a") as fd:
+        bpfsys.map_update_batch_raw(fd, b"".join(_key(i) for i in range(8)), b"".join(_key(i * 5) for i in range(8)), 4, 4)
+        k, v, n = bpfsys.map_dump_raw(fd, 4, 4, 8)
+        assert n == 8 and dict(zip(struct.iter_unpack("=I", k), struct.iter_unpack("=I", v))) == \
+            dict(((i,), (i * 5,)) for i in range(8))
