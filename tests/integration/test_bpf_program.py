@@ -106,8 +106,8 @@ def test_upgrade_keeps_links_and_map_contents(lab, node):
     lab.sh(host, "ping -c 2 -i 0.2 -W 1 169.254.77.2")
     counted = _counters(lab, host)
     res = lab.module(host, "kldload.netstack.bpf_program", _args(obj="/run/netdev2.o"), diff=True)
-    assert sum(a.startswith("replace program of") for a in res["actions"]) == 3
-    assert not any(a.startswith("detach") or a.startswith("attach ") for a in res["actions"])
+    assert sum(a.startswith("%s: replace program of" % NAME) for a in res["actions"]) == 3, res["actions"]
+    assert not any(": detach" in a or ": attach " in a for a in res["actions"]), res["actions"]
     old = dict((a["type"], a["link_id"]) for a in before["attachments"])
     assert all(old[a["type"]] == a["link_id"] for a in res["attachments"])
     kept = _counters(lab, host)[:3]
