@@ -277,7 +277,7 @@ def _lb(cfg, table, check, module, res):
     gdir = globals_dir(cfg)
     if check and not os.path.exists(os.path.join(gdir, lb.pin("kln_lb4_svc"))):
         # the maps do not exist yet (check mode before the first install): every service would be added
-        want = lb.normalize(table, cfg["lb"]["maglev_table_size"])
+        want = sorted(lb.normalize(table, cfg["lb"]["maglev_table_size"]), key=lb.svc_key)
         added = [{"service": lb.svc_label(lb.svc_key(s)), "name": "%s/%s" % (s["namespace"], s["name"]),
                   "backends": [lb.addr_port(b["ip"], b["port"]) for b in s["backends"]]} for s in want]
         return {"changed": bool(added), "diff": {"added": added, "removed": [], "changed": []}, "table": [],

@@ -124,12 +124,12 @@ def test_node_dataplane_four_times_traffic_bad_input_and_removal(lab, node):
     assert routes, "install.yml made no direct routes"
     args = {"pin_path": "/sys/fs/bpf/kldload-netstack-nd", "objects": [{"name": "sock_lb", "cgroup": cg2, "families": [4]}],
             "maps": {"kln_lb4_svc": 64}, "services": _services(ips), "state_file": ND + "/services.json",
-            "config_path": ND + "/dataplane.json", "routes": routes}
+            "config_path": ND + "/dataplane.json", "routes": routes, "restore_unit": False}   # the node's own stays
     try:
         first, applied, again, recheck = lab.four_times(host, "kldload.netstack.node_dataplane", args)
         assert "sock_lb: load programs into /sys/fs/bpf/kldload-netstack-nd/sock_lb/progs_" in " ".join(first["actions"])
         assert [s["service"] for s in first["added"]] == ["%s:53/UDP" % VIP, "%s:80/TCP" % VIP, "10.96.254.2:80/TCP"]
-        assert first["routes"] == [] and '"kln_lb4_svc": 64' in first["diff"]["after"]
+        assert first["routes"] == [] and first["unit"] == [] and '"kln_lb4_svc": 64' in first["diff"]["after"]
         assert sorted(a["program"] for a in applied["objects"]["sock_lb"]["attachments"]) == [
             "kln_connect4", "kln_getpeer4", "kln_recvmsg4", "kln_sendmsg4"]
         assert json.loads(lab.sh(host, "cat %s/dataplane.json" % ND).stdout) == applied["config"]
@@ -146,12 +146,14 @@ def test_node_dataplane_four_times_traffic_bad_input_and_removal(lab, node):
         assert "config.routes[0].dst" in res["msg"]
         assert lab.module(host, "kldload.netstack.node_dataplane", args, check=True)["changed"] is False
         absent = {"state": "absent", "pin_path": args["pin_path"], "state_file": args["state_file"],
-                  "config_path": args["config_path"]}
+                  "config_path": args["config_path"], "restore_unit": False}
         gone = lab.module(host, "kldload.netstack.node_dataplane", absent)
         assert gone["changed"] and sorted(gone["files_removed"]) == [ND + "/dataplane.json", ND + "/services.json"]
         assert lab.sh(host, "test -e %s" % args["pin_path"], check=False).returncode != 0
         assert lab.sh(host, "ls %s" % ND).stdout.split() == []
         assert "proto 193" not in lab.sh(host, "ip route").stdout           # the owned routes went with it
+        assert "/usr/lib/kldload-netstack/netstack.pyz dataplane restore" in lab.sh(
+            host, "cat /etc/systemd/system/netstack-dataplane.service").stdout  # the node's restore unit stayed
     finally:
         lab.sh(host, "netstack dataplane restore && rmdir %s" % cg2, check=False)   # the node's own dataplane back
     assert "proto 193" in lab.sh(host, "ip route").stdout
