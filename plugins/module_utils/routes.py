@@ -4,9 +4,11 @@
 """Routes the dataplane owns, through netlink (pyroute2): direct routes to other nodes' pod CIDRs.
 
 Every route made here carries the routing protocol number ``RTPROT_NETSTACK`` (``ip route`` shows
-``proto 193``), so the routes the dataplane owns are found again without any state file: a route
-that is no longer wanted is deleted, one that differs is replaced, and routes of anyone else are
-never touched (a route of another protocol to the same destination is an error). No Ansible imports.
+``proto 220``; iproute2 and FRR name 0-18, 42, 84, 99 and 186-198), so the routes the dataplane owns
+are found again without any state file: a route that is no longer wanted is deleted, one that
+differs is replaced, and routes of anyone else are never changed - a route of another protocol to
+the same destination through another gateway is an error. One through the same gateway (as release
+0.1.0 made them, with the default protocol) is adopted: it gets the protocol number. No Ansible imports.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -16,7 +18,7 @@ __metaclass__ = type
 import ipaddress
 import socket
 
-RTPROT_NETSTACK = 193
+RTPROT_NETSTACK = 220
 MAIN_TABLE = 254
 
 
@@ -76,6 +78,8 @@ def plan(current, wanted):
         have = current.get(dst)
         if have is None:
             add.append({"dst": dst, "via": via})
+        elif have[1] != RTPROT_NETSTACK and have[0] == via:
+            replace.append({"dst": dst, "via": via, "was": "%s (proto %s, adopted)" % (via, have[1])})
         elif have[1] != RTPROT_NETSTACK:
             raise RouteError("routes: %s is already routed (via %s, proto %s) by someone else; not replacing it"
                              % (dst, have[0] or "a device", have[1]))

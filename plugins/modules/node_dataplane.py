@@ -29,7 +29,7 @@ description:
     M(kldload.netstack.lb_services) with O(kldload.netstack.lb_services#module:prune=true) writes it
     (validated first, the difference written in commit order).
   - B(Routes.) O(routes) are the direct routes to the other nodes' pod CIDRs. The routes this module makes
-    carry routing protocol 193 (C(ip route) shows C(proto 193)); one no longer listed is deleted, a route of
+    carry routing protocol 220 (C(ip route) shows C(proto 220)); one no longer listed is deleted, a route of
     anyone else to the same destination is an error, never replaced.
   - Everything is validated before anything on the node is touched; bad input fails naming the field.
   - B(Boot.) With O(restore_unit), the unit C(netstack-dataplane.service) (enabled) runs C(netstack dataplane

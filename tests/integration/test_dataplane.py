@@ -125,6 +125,7 @@ def test_node_dataplane_four_times_traffic_bad_input_and_removal(lab, node):
     args = {"pin_path": "/sys/fs/bpf/kldload-netstack-nd", "objects": [{"name": "sock_lb", "cgroup": cg2, "families": [4]}],
             "maps": {"kln_lb4_svc": 64}, "services": _services(ips), "state_file": ND + "/services.json",
             "config_path": ND + "/dataplane.json", "routes": routes, "restore_unit": False}   # the node's own stays
+    lab.sh(host, "rm -rf %s %s" % (args["pin_path"], ND))       # what an interrupted earlier run may have left
     try:
         first, applied, again, recheck = lab.four_times(host, "kldload.netstack.node_dataplane", args)
         assert "sock_lb: load programs into /sys/fs/bpf/kldload-netstack-nd/sock_lb/progs_" in " ".join(first["actions"])
@@ -151,12 +152,12 @@ def test_node_dataplane_four_times_traffic_bad_input_and_removal(lab, node):
         assert gone["changed"] and sorted(gone["files_removed"]) == [ND + "/dataplane.json", ND + "/services.json"]
         assert lab.sh(host, "test -e %s" % args["pin_path"], check=False).returncode != 0
         assert lab.sh(host, "ls %s" % ND).stdout.split() == []
-        assert "proto 193" not in lab.sh(host, "ip route").stdout           # the owned routes went with it
+        assert "proto 220" not in lab.sh(host, "ip route").stdout           # the owned routes went with it
         assert "/usr/lib/kldload-netstack/netstack.pyz dataplane restore" in lab.sh(
             host, "cat /etc/systemd/system/netstack-dataplane.service").stdout  # the node's restore unit stayed
     finally:
         lab.sh(host, "netstack dataplane restore && rmdir %s" % cg2, check=False)   # the node's own dataplane back
-    assert "proto 193" in lab.sh(host, "ip route").stdout
+    assert "proto 220" in lab.sh(host, "ip route").stdout
 
 
 def test_lb_services_four_times_and_traffic(lab, node):
@@ -280,8 +281,9 @@ def test_object_that_fails_verification(lab, node):
                         "-c", str(src), "-o", str(obj)], check=True)
         _scp(lab, host, obj, "/run/netstack-test-bad.o")
     before = lab.module(host, "kldload.netstack.bpf_program", _prog_args(cg), check=True)
-    bad = dict(_prog_args(cg, obj="/run/netstack-test-bad.o"), targets=None,      # no manifest: attach by hand
+    bad = dict(_prog_args(cg, obj="/run/netstack-test-bad.o"),                   # no manifest: attach by hand
                attach=[{"program": "kln_connect4", "type": "connect4", "cgroup": cg}])
+    del bad["targets"]
     res = lab.module(host, "kldload.netstack.bpf_program", bad, expect_fail=True)
     assert "does not load (verifier or libbpf error)" in res["msg"]
     assert "invalid mem access" in res["verifier_log"] or "R1 invalid" in res["verifier_log"], res["verifier_log"][-2000:]

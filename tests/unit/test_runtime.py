@@ -156,12 +156,14 @@ def test_route_plan_adds_replaces_deletes_only_owned_routes():
     cur = {"10.244.11.0/24": ("192.168.1.21", routes.RTPROT_NETSTACK),       # ours, right
            "10.244.12.0/24": ("192.168.1.99", routes.RTPROT_NETSTACK),       # ours, wrong gateway
            "10.244.13.0/24": ("192.168.1.23", routes.RTPROT_NETSTACK),       # ours, no longer wanted
-           "10.0.0.0/8": ("192.168.1.1", 4)}                                  # someone else's
+           "10.0.0.0/8": ("192.168.1.1", 4),                                  # someone else's
+           "10.244.15.0/24": ("192.168.1.25", 3)}                             # ours, made by 0.1.0 (proto boot)
     want = routes.normalize([{"dst": "10.244.11.0/24", "via": "192.168.1.21"}, {"dst": "10.244.12.0/24", "via": "192.168.1.22"},
-                             {"dst": "10.244.14.0/24", "via": "192.168.1.24"}])
+                             {"dst": "10.244.14.0/24", "via": "192.168.1.24"}, {"dst": "10.244.15.0/24", "via": "192.168.1.25"}])
     add, replace, delete = routes.plan(cur, want)
     assert add == [{"dst": "10.244.14.0/24", "via": "192.168.1.24"}]
-    assert replace == [{"dst": "10.244.12.0/24", "via": "192.168.1.22", "was": "192.168.1.99"}]
+    assert replace == [{"dst": "10.244.12.0/24", "via": "192.168.1.22", "was": "192.168.1.99"},
+                       {"dst": "10.244.15.0/24", "via": "192.168.1.25", "was": "192.168.1.25 (proto 3, adopted)"}]
     assert delete == [{"dst": "10.244.13.0/24", "via": "192.168.1.23"}]
     with pytest.raises(routes.RouteError, match=r"10.0.0.0/8 is already routed \(via 192.168.1.1, proto 4\) by someone else"):
         routes.plan(cur, routes.normalize([{"dst": "10.0.0.0/8", "via": "192.168.1.2"}]))
