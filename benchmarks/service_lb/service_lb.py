@@ -127,22 +127,6 @@ def create_maps(root, specs, names=None):
     return paths
 
 
-def load_socket_lb(root, obj, sizes):
-    """The socket LB object on the pin root ``root`` (a private bpffs): its maps created from the manifest
-    (``sizes``: max_entries by map name), its programs loaded against them with bpftool. Returns (the
-    globals directory lb.sync() writes, the programs' pin directory, what was run). The one place to swap
-    for the shared loader (plugins/module_utils/loader.py) once the benchmark uses it."""
-    paths = create_maps(root, map_specs(sizes))
-    maparg = []
-    for name, path in sorted(paths.items()):
-        maparg += ["map", "name", name, "pinned", path]
-    progs = os.path.join(root, "sock_lb", "progs")
-    sh(["bpftool", "prog", "loadall", obj, progs] + maparg)
-    return (os.path.join(root, "globals"), progs,
-            "maps created from bpf/sock_lb.manifest.json (shared ones in globals/<name>_v<version>), "
-            "bpftool prog loadall %s with them" % os.path.relpath(obj, REPO))
-
-
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -246,23 +230,29 @@ class Bench:
         while svc_entries < (max_services + 1) * (BACKENDS + 1) + 64:
             svc_entries *= 2
         self.svc_entries = svc_entries
-        self.mapdir, progs, how = load_socket_lb(self.bpffs, self.obj, {"kln_lb4_svc": svc_entries})
-        cg2 = sh(["findmnt", "-n", "-o", "TARGET", "-t", "cgroup2"]).stdout.split("\n")[0].strip()
+        from ansible_collections.kldload.netstack.plugins.module_utils import loader, mounts
+        cg2 = mounts.cgroup2_path()
         if not cg2:
             raise RuntimeError("no cgroup2 mount")
         self.cgroup = os.path.join(cg2, "slbbench-%d" % self.pid)
         os.mkdir(self.cgroup)
         self.cleanups.append(self.remove_cgroup)
-        for hook, prog in (("connect4", "kln_connect4"), ("sendmsg4", "kln_sendmsg4"), ("recvmsg4", "kln_recvmsg4"),
-                           ("getpeername4", "kln_getpeer4")):
-            sh(["bpftool", "cgroup", "attach", self.cgroup, hook, "pinned", os.path.join(progs, prog)])
-            self.attached.append((hook, os.path.join(progs, prog)))
-        self.results["commands"].append("socket LB: %s (kln_lb4_svc %d entries), bpftool cgroup attach <private cgroup> "
-                                        "connect4/sendmsg4/recvmsg4/getpeername4" % (how, svc_entries))
+        # the collection's loader, as the node_dataplane module runs it: maps from the manifest (sizes
+        # given here), programs verified and loaded, the manifest's IPv4 programs linked to the cgroup
+        self.pin_root = os.path.join(self.bpffs, "kldload-netstack")
+        spec = loader.object_spec("sock_lb", self.obj, targets={"cgroup": self.cgroup, "families": [4]},
+                                  map_sizes={"kln_lb4_svc": svc_entries})
+        res = loader.ensure(self.pin_root, [spec])
+        self.attached = sorted(a["program"] for a in res["report"]["objects"]["sock_lb"]["attachments"])
+        self.mapdir = os.path.join(self.pin_root, "globals")
+        self.results["commands"].append("socket LB: loader.ensure() of %s with its manifest (kln_lb4_svc %d entries), "
+                                        "IPv4 programs linked to a private cgroup: %s"
+                                        % (os.path.relpath(self.obj, REPO), svc_entries, ", ".join(self.attached)))
 
     def remove_cgroup(self):
-        for hook, prog in self.attached:
-            sh(["bpftool", "cgroup", "detach", self.cgroup, hook, "pinned", prog], check=False)
+        if self.attached:
+            from ansible_collections.kldload.netstack.plugins.module_utils import loader
+            loader.ensure(self.pin_root, [], state="absent", prune=True)     # detaches the links
         self.attached = []
         if os.path.isdir(self.cgroup):
             with open(os.path.join(self.cgroup, "cgroup.procs")) as f:

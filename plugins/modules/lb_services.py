@@ -39,71 +39,6 @@ description:
     the VIP), so a connected UDP client does not keep sending to a backend that is gone. Established
     TCP connections are left to finish, like kube-proxy does.
 options:
-  services:
-    description:
-      - The whole service table.
-    type: list
-    elements: dict
-    default: []
-    suboptions:
-      name:
-        description: Service name (reported in diffs and C(netstack lb list)). Required unless O(services[].state=absent).
-        type: str
-      state:
-        description:
-          - V(absent) removes the service (known by O(services[].vip), O(services[].port) and
-            O(services[].protocol); a service not in the maps is no change). It takes no backends; its
-            algorithm and affinity fields are not used.
-        type: str
-        choices: [present, absent]
-        default: present
-      namespace:
-        description: Namespace, for reporting.
-        type: str
-        default: default
-      vip:
-        description: Virtual IP (IPv4 or IPv6).
-        type: str
-        required: true
-      port:
-        description: Virtual port.
-        type: int
-        required: true
-      protocol:
-        description: Protocol.
-        type: str
-        choices: [tcp, udp]
-        default: tcp
-      algorithm:
-        description:
-          - C(random) picks a backend per connection (weighted when the weights differ, e.g. a 90/10 canary).
-          - C(maglev) uses a Maglev table (O(maglev_table_size) entries, built with turns proportional to
-            the weights) - a client's bound source address and port (else its socket) always map to the
-            same backend, and removing a backend moves only the flows that were on it.
-        type: str
-        choices: [random, maglev]
-        default: random
-      affinity_timeout:
-        description: Session affinity per client (network namespace) for this many seconds; 0 disables.
-        type: int
-        default: 0
-      backends:
-        description: Backends. An empty list makes connections to the VIP fail at once (EPERM).
-        type: list
-        elements: dict
-        default: []
-        suboptions:
-          ip:
-            description: Backend address, of the VIP's address family.
-            type: str
-            required: true
-          port:
-            description: Backend port; defaults to the service port.
-            type: int
-          weight:
-            description: Relative weight, > 0. The weights of one service add up to at most 65535.
-            type: int
-            default: 1
   prune:
     description:
       - V(true) - O(services) is the whole table; remove services found in the maps that it does not list.
@@ -117,24 +52,6 @@ options:
         those maps and checks their layout; the object's private maps are never opened.
     type: path
     default: /sys/fs/bpf/kldload-netstack/globals
-  maglev_table_size:
-    description:
-      - Maglev table size M per service (a prime, at least 10 times the largest Maglev backend count).
-        Fixed while Maglev services exist. C(kln_lb_maglev) must hold C((services + 1) * 2 * M) entries; its
-        default size, C(64 * 2 * 16381), holds 63 Maglev services of the default M.
-      - With 16381, removing one of 100 backends moves under 1 % of the flows on the other backends.
-    type: int
-    default: 16381
-  state_file:
-    description:
-      - JSON file where the declared services are kept after a successful write (names for listing,
-        and what C(netstack dataplane restore) programs again after a reboot). Not written in check mode.
-    type: path
-    default: /var/lib/kldload-netstack/lb/services.json
-  destroy_udp_sockets:
-    description: Destroy connected UDP sockets to backends that left every service (see above).
-    type: bool
-    default: true
 requirements:
   - The socket LB object loaded, its shared maps pinned in O(map_dir) (the C(kldload.netstack.dataplane) role); root.
 notes:
@@ -142,6 +59,8 @@ notes:
     backends added or removed and the weights changed.
 seealso:
   - module: kldload.netstack.bpf_program
+extends_documentation_fragment:
+  - kldload.netstack.dataplane.services
 author:
   - kldload.netstack developers (@kldload)
 """
@@ -238,42 +157,21 @@ udp_sockets_destroyed:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.kldload.netstack.plugins.module_utils import lb
+from ansible_collections.kldload.netstack.plugins.module_utils import argspec, lb
 from ansible_collections.kldload.netstack.plugins.module_utils.bpfsys import BpfError
 
 
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            services=dict(type="list", elements="dict", default=[], required_if=[("state", "present", ("name",))], options=dict(
-                name=dict(type="str"),
-                state=dict(type="str", choices=["present", "absent"], default="present"),
-                namespace=dict(type="str", default="default"),
-                vip=dict(type="str", required=True),
-                port=dict(type="int", required=True),
-                protocol=dict(type="str", choices=["tcp", "udp"], default="tcp"),
-                algorithm=dict(type="str", choices=["random", "maglev"], default="random"),
-                affinity_timeout=dict(type="int", default=0),
-                backends=dict(type="list", elements="dict", default=[], options=dict(
-                    ip=dict(type="str", required=True),
-                    port=dict(type="int"),
-                    weight=dict(type="int", default=1),
-                )),
-            )),
             prune=dict(type="bool", default=True),
             map_dir=dict(type="path", default="/sys/fs/bpf/kldload-netstack/globals"),
-            maglev_table_size=dict(type="int", default=lb.DEFAULT_MAGLEV_M),
-            state_file=dict(type="path", default="/var/lib/kldload-netstack/lb/services.json"),
-            destroy_udp_sockets=dict(type="bool", default=True),
+            **argspec.SERVICES
         ),
         supports_check_mode=True,
     )
     p = module.params
-    services = []
-    for s in p["services"]:
-        s = dict(s)
-        s["backends"] = [dict((k, v) for k, v in b.items() if v is not None) for b in s.get("backends") or []]
-        services.append(s)
+    services = argspec.services_from_params(p)
     destroyed = [0]
 
     def gone(backends):
