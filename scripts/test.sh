@@ -8,7 +8,7 @@ step() { printf '\n=== %s (%s)\n' "$1" "$(date +%T)"; }
 step "unit tests";        pytest -q tests/unit
 step "ansible-lint";      ansible-lint --profile production
 step "ansible-test sanity"; bash scripts/sanity.sh
-step "eBPF socket LB programs: build, verifier, selftest on a private cgroup"; bash bpf/selftest.sh
+step "eBPF objects: build, verifier and manifests, the loader and the map writer on a private bpffs and cgroup"; bash bpf/selftest.sh
 step "service LB benchmark, smoke run (every mode delivers connections to all 10 backends)"; bash benchmarks/service_lb/run --quick >/dev/null
 step "integration tests on the lab"; pytest -q tests/integration
 step "molecule (create, converge, idempotence, verify, destroy)"; molecule test -s default

@@ -229,7 +229,9 @@ def restore_unit_text(cfg, config_path):
             "WantedBy=multi-user.target\n") % (config_path, env, cfg["bundle"])
 
 
-def _runner(module):
+def runner(module):
+    """``run(argv) -> (rc, out, err)`` through runner.Tool (the C locale, the module's run_command when
+    there is a module): what lb.destroy_udp_sockets() takes."""
     def run(argv):
         return Tool(module, argv[0]).run(*argv[1:], check=False)
     return run
@@ -285,7 +287,7 @@ def _lb(cfg, table, check, module, res):
 
     def gone(backends):
         if cfg["lb"]["destroy_udp_sockets"]:
-            res["udp_sockets_destroyed"] = lb.destroy_udp_sockets(backends, _runner(module))
+            res["udp_sockets_destroyed"] = lb.destroy_udp_sockets(backends, runner(module))
     return lb.sync(gdir, table, prune=True, check=check, maglev_m=cfg["lb"]["maglev_table_size"],
                    state_file=cfg["lb"]["state_file"], on_backends_gone=gone)
 

@@ -157,7 +157,7 @@ udp_sockets_destroyed:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.kldload.netstack.plugins.module_utils import argspec, lb
+from ansible_collections.kldload.netstack.plugins.module_utils import argspec, lb, runtime
 from ansible_collections.kldload.netstack.plugins.module_utils.bpfsys import BpfError
 
 
@@ -176,7 +176,7 @@ def main():
 
     def gone(backends):
         if p["destroy_udp_sockets"]:
-            destroyed[0] = lb.destroy_udp_sockets(backends, lambda argv: module.run_command(argv, check_rc=False))
+            destroyed[0] = lb.destroy_udp_sockets(backends, runtime.runner(module))
 
     try:
         res = lb.sync(p["map_dir"], services, prune=p["prune"], check=module.check_mode,
