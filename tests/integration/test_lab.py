@@ -99,14 +99,23 @@ def test_lab_modules_four_times(lab):
 
 
 def test_down_twice_then_up_twice(lab):
-    """down, down again (fine, nothing to do), up, up again (changes nothing)."""
-    run_playbook("lab/playbooks/lab.yml", "-e", "lab_state=down", inventory="localhost,")
-    again = run_playbook("lab/playbooks/lab.yml", "-e", "lab_state=down", inventory="localhost,")
+    """down, down again (fine, nothing to do), up, up again (changes nothing).
+
+    A namespace that only looks like the lab's (kln- prefix, not a node name) is someone else's:
+    down leaves it alone and does not fail on it.
+    """
+    foreign = "kln-not-a-lab-node"
+    subprocess.run(["ip", "netns", "add", foreign], check=True)
+    try:
+        run_playbook("lab/playbooks/lab.yml", "-e", "lab_state=down", inventory="localhost,")
+        again = run_playbook("lab/playbooks/lab.yml", "-e", "lab_state=down", inventory="localhost,")
+        assert foreign in _netns()
+    finally:
+        subprocess.run(["ip", "netns", "del", foreign], check=False)
     assert _recap_changed(again) == 0
     assert not STATE_DIR.exists()
     assert subprocess.run(["pgrep", "-x", "systemd-nspawn"], capture_output=True, check=False).returncode == 1
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    assert "kln-" not in netns
+    assert not re.search(r"^kln-", _netns(), re.M)
     assert subprocess.run(["ip", "link", "show", "klnmgmt0"], capture_output=True, check=False).returncode != 0
 
     up = run_playbook("lab/playbooks/lab.yml", "-e", "lab_state=up", inventory="localhost,")
