@@ -6,6 +6,7 @@
   netstack version [--json]            collection version, the objects it was built with, what is installed and pinned
   netstack lb list [--json]            the socket load balancer's service table (like cilium bpf lb list)
   netstack dataplane status [--json]   objects, programs, attachments, shared and private maps, routes
+  netstack endpoint list [--json]      the pods' endpoints on this node, as the netstack-cni plugin recorded them
   netstack dataplane restore           apply the node configuration again with the last applied service
                                        table (what netstack-dataplane.service runs at boot)
 
@@ -13,6 +14,10 @@ Product commands only. Later capabilities add their group here (policy, encrypt,
 a long-running node agent (`netstack agent`, flow events and endpoint watch) will be one more
 command of this unit, reading the same node configuration. Configuration:
 /etc/kldload-netstack/dataplane.json (NETSTACK_CONFIG overrides), written by the node_dataplane module.
+
+Run under the name netstack-cni (the symlink /usr/lib/cni/netstack-cni), this command is the CNI
+plugin of the same name: the CNI_* environment and the network configuration on stdin, the result on
+stdout (see docs/pods.md).
 """
 import argparse
 import json
@@ -20,7 +25,7 @@ import os
 import sys
 import time
 
-from ansible_collections.kldload.netstack.plugins.module_utils import lb, loader, routes, runtime
+from ansible_collections.kldload.netstack.plugins.module_utils import cni, lb, loader, routes, runtime
 
 BUILD_INFO = "netstack_build.json"
 
@@ -74,6 +79,11 @@ def cmd_lb_list(args):
     print(json.dumps(rows, indent=1) if args.json else lb.format_table(rows))
 
 
+def cmd_endpoint_list(args):
+    rows = cni.list_endpoints()
+    print(json.dumps(rows, indent=1, sort_keys=True) if args.json else cni.format_endpoints(rows))
+
+
 def cmd_restore(_args):
     t0 = time.time()
     res = runtime.apply(_config())
@@ -105,6 +115,8 @@ def cmd_status(args):
 
 
 def main(argv=None):
+    if os.path.basename(sys.argv[0]) == cni.PLUGIN_NAME:
+        sys.exit(cni.plugin_main(os.environ, sys.stdin, sys.stdout))
     ap = argparse.ArgumentParser(prog="netstack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("version", help="collection version and object hashes")
@@ -114,6 +126,10 @@ def main(argv=None):
     p = p_lb.add_parser("list", help="the service table")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_lb_list)
+    p_ep = sub.add_parser("endpoint", help="the pods' endpoints").add_subparsers(dest="sub", required=True)
+    p = p_ep.add_parser("list", help="the endpoints on this node")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_endpoint_list)
     p_dp = sub.add_parser("dataplane", help="the node's eBPF dataplane").add_subparsers(dest="sub", required=True)
     p_dp.add_parser("restore", help="apply the node configuration again (boot)").set_defaults(fn=cmd_restore)
     p = p_dp.add_parser("status", help="what is loaded and attached")
