@@ -436,3 +436,25 @@ def test_endpoint_list_command(tmp_path):
         assert p.returncode == 0 and check(p.stdout), p.stdout + p.stderr
 
 
+
+
+def test_endpoint_info_module(tmp_path):
+    """The module returns the records the plugin wrote; a missing directory is no endpoints; check mode."""
+    _run(tmp_path, "ADD", _conf(prevResult=PREV, runtimeConfig=_caps({"app": "db"}, [{"name": "pg", "port": 5432}])))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_INVENTORY_UNPARSED_WARNING="false",
+               ANSIBLE_LOCALHOST_WARNING="false", ANSIBLE_NOCOLOR="1")
+    bindir = os.path.dirname(sys.executable)
+    out = {}
+    for d in ("eps", "missing"):
+        p = subprocess.run([os.path.join(bindir, "ansible"), "localhost", "-i", "localhost,", "-c", "local", "--check",
+                            "-e", "ansible_python_interpreter=%s" % sys.executable,
+                            "-m", "kldload.netstack.endpoint_info", "-a", "endpoints_dir=%s" % (tmp_path / d)],
+                           env=env, capture_output=True, text=True, check=False, cwd=str(REPO))
+        assert p.returncode == 0, p.stdout + p.stderr
+        res = json.loads(p.stdout.split("=>", 1)[1])
+        assert res["changed"] is False
+        out[d] = res["endpoints"]
+    assert out["missing"] == []
+    [ep] = out["eps"]
+    assert (ep["namespace"], ep["name"], ep["labels"], ep["ports"], ep["ips"]) == \
+        ("ns", "p", {"app": "db"}, [{"name": "pg", "port": 5432, "protocol": "TCP"}], ["10.244.11.5/24"])
