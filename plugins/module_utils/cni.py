@@ -195,8 +195,8 @@ def _exec_plugin(path, conf, env_cni, timeout):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        raise CNIError(E_INVOKER, "plugin %s (%s) timed out after %ss" % (conf.get("type"), env_cni["CNI_COMMAND"],
-                                                                        timeout))
+        raise CNIError(E_INVOKER, "plugin %s (%s) timed out after %ss"
+                       % (conf.get("type"), env_cni["CNI_COMMAND"], timeout))
     out_t = out.decode("utf-8", "replace").strip()
     err_t = err.decode("utf-8", "replace").strip()
     if proc.returncode != 0:
@@ -204,8 +204,8 @@ def _exec_plugin(path, conf, env_cni, timeout):
             e = json.loads(out_t)
             code, msg, details = int(e["code"]), e.get("msg", ""), e.get("details", "")
         except (ValueError, KeyError, TypeError):
-            raise CNIError(E_INVOKER, "plugin %s (%s) exited %d" % (conf.get("type"), env_cni["CNI_COMMAND"],
-                                                                   proc.returncode), out_t or err_t)
+            raise CNIError(E_INVOKER, "plugin %s (%s) exited %d"
+                           % (conf.get("type"), env_cni["CNI_COMMAND"], proc.returncode), out_t or err_t)
         raise CNIError(code, "plugin %s (%s): %s" % (conf.get("type"), env_cni["CNI_COMMAND"], msg),
                        details or err_t)
     if not out_t:

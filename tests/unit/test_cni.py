@@ -428,14 +428,12 @@ def test_endpoint_list_command(tmp_path):
     _run(tmp_path, "ADD", _conf(prevResult=PREV, runtimeConfig=_caps({"app": "db"})))
     env = dict(os.environ, NETSTACK_ENDPOINTS_DIR=str(tmp_path / "eps"),
                PYTHONPATH=str(REPO / ".collections"))
+    row = ["c1", "ns/p", "app=db", "10.244.11.5", "veth1234", "ready"]
     for args, check in ((["--json"], lambda out: json.loads(out)[0]["labels"] == {"app": "db"}),
-                        ([], lambda out: out.splitlines()[1].split() == ["c1", "ns/p", "app=db", "10.244.11.5",
-                                                                          "veth1234", "ready"])):
+                        ([], lambda out: out.splitlines()[1].split() == row)):
         p = subprocess.run([sys.executable, str(REPO / "node" / "netstack_cli.py"), "endpoint", "list"] + args,
                            env=env, capture_output=True, text=True, check=False)
         assert p.returncode == 0 and check(p.stdout), p.stdout + p.stderr
-
-
 
 
 def test_endpoint_info_module(tmp_path):
