@@ -61,7 +61,9 @@ def test_matches():
 
 def test_selector_matches_expressions():
     lbl = {"app": "web", "env": "prod"}
-    sel = lambda *e, **ml: {"matchLabels": ml, "matchExpressions": list(e)}  # noqa: E731
+
+    def sel(*e, **ml):
+        return {"matchLabels": ml, "matchExpressions": list(e)}
     assert L.selector_matches(None, lbl) and L.selector_matches({}, lbl)
     assert L.selector_matches(sel(app="web"), lbl)
     assert L.selector_matches(sel({"key": "env", "operator": "In", "values": ["prod", "stage"]}), lbl)
