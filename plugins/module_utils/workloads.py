@@ -481,12 +481,14 @@ def _msg(e):
     return text if not details or details in text else "%s (%s)" % (text, details)
 
 
-def sync(node, specs, prune=True, check=False):
+def sync(node, specs, prune=True, check=False, records=None, steps=None):
     """Make the node's workloads match ``specs`` (validated, this node's). Returns
     ``{changed, plan, endpoints, before, after}``; in check mode nothing is touched and the planned
-    endpoints of created/recreated workloads have ``ip`` None (unless pinned)."""
-    records = read_records(node.state_dir)
-    steps = plan(specs, records, node.starter, prune=prune, netns_prefix=node.netns_prefix)
+    endpoints of created/recreated workloads have ``ip`` None (unless pinned). ``records`` and
+    ``steps``: as ``read_records`` and ``plan`` gave them, when the caller has them already."""
+    if records is None or steps is None:
+        records = read_records(node.state_dir)
+        steps = plan(specs, records, node.starter, prune=prune, netns_prefix=node.netns_prefix)
     want = dict(((s["namespace"], s["name"]), s) for s in specs)
     before = [endpoint(records[k]) for k in sorted(records)]
     changed = any(s["action"] != "keep" for s in steps)

@@ -216,7 +216,7 @@ def main():
             module.fail_json(msg="server: %s does not exist on the node (the role copies it)" % p["server"], plan=steps)
     node = workloads.Node(cni, conflist, run_ip, starter, p["state_dir"], p["server"], cni_path=p["cni_path"])
     try:
-        res = workloads.sync(node, specs, prune=p["prune"], check=module.check_mode)
+        res = workloads.sync(node, specs, prune=p["prune"], check=module.check_mode, records=records, steps=steps)
     except workloads.WorkloadError as e:
         module.fail_json(msg=str(e), plan=steps)
     out = dict(changed=res["changed"], endpoints=res["endpoints"], plan=res["plan"])

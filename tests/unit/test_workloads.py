@@ -128,6 +128,13 @@ def test_names_and_identities():
     assert json.loads(ann["netstack.kldload.io/ports"]) == [{"name": "http", "port": 8080, "protocol": "TCP"}]
 
 
+def test_describe_for_diffs():
+    a = W.validate([wl(ip="10.244.11.9"), wl(name="b", labels={}, ports=[])], NS)
+    assert [W.describe(W.endpoint(x)) for x in a] == [
+        "shop/b node=node1 ip=(assigned) labels=- ports=-",
+        "shop/web-1 node=node1 ip=10.244.11.9 labels=app=web ports=http:8080/TCP"]
+
+
 def test_systemd_starter_command_line():
     """The systemd-run command line (the host has no systemd: the unit itself runs in the lab test)."""
     calls = []
