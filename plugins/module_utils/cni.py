@@ -32,10 +32,13 @@ import errno
 import json
 import os
 import re
+import socket
 import subprocess
 import tempfile
 import time
+import zipfile
 
+from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys, loader, manifest as _manifest
 from ansible_collections.kldload.netstack.plugins.module_utils import labels as _labels
 
 NETWORK = "kldload-netstack"
@@ -52,6 +55,8 @@ LABELS_ANNOTATION = "netstack.kldload.io/labels"
 PORTS_ANNOTATION = "netstack.kldload.io/ports"
 POD_ANNOTATIONS = "io.kubernetes.cri.pod-annotations"
 VALID_ATTACHMENTS = "cni.dev/valid-attachments"
+DATAPLANE_CONFIG = "/etc/kldload-netstack/dataplane.json"
+ENDPOINT_LINKS = "endpoints"     # <pin root>/<object>/endpoints/<container id>-<ifname>-<program>: endpoint links
 
 # Error codes of the CNI specification (1.1, "Error codes"); 100 and up are the plugin's own.
 E_INCOMPATIBLE_VERSION = 1
@@ -566,7 +571,105 @@ def _gc(conf, directory):
         if rec.get("network", conf.get("name")) != conf.get("name"):
             continue
         if (rec.get("container_id"), rec.get("ifname")) not in keep:
+            detach_endpoint(rec.get("programs"))
             _unlink(record_path(directory, rec["container_id"], rec["ifname"]))
+
+
+def _dataplane(environ):
+    """The node's dataplane configuration (dict), or None where there is none."""
+    path = environ.get("NETSTACK_CONFIG") or DATAPLANE_CONFIG
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (IOError, OSError, ValueError) as e:
+        raise CNIError(E_NOT_AVAILABLE, "the dataplane configuration %s is not readable" % path, str(e))
+    if not isinstance(cfg, dict):
+        raise CNIError(E_NOT_AVAILABLE, "the dataplane configuration %s is not an object" % path)
+    return cfg
+
+
+def endpoint_programs(cfg):
+    """The programs the node's objects declare for endpoints (manifest target ``endpoint``):
+    [{object, program, attach, prog_pin}], from the manifests in the node bundle and the programs the
+    loader pinned (``<pin root>/<object>/progs_<version>/<program>``). CNIError 11 when an object
+    with endpoint programs is not loaded (yet)."""
+    names = [o.get("name") for o in (cfg or {}).get("objects") or [] if isinstance(o, dict)]
+    if not names:
+        return []
+    bundle, root = cfg.get("bundle"), cfg.get("pin_path")
+    if not bundle or not os.path.isfile(bundle) or not root:
+        raise CNIError(E_NOT_AVAILABLE, "the dataplane configuration names objects but no bundle or pin_path",
+                       "bundle %r, pin_path %r" % (bundle, root))
+    out = []
+    try:
+        with zipfile.ZipFile(bundle) as z:
+            members = set(z.namelist())
+            docs = dict((n, json.loads(z.read("netstack_objects/%s.manifest.json" % n).decode("utf-8")))
+                        for n in names if "netstack_objects/%s.manifest.json" % n in members)
+    except (IOError, OSError, ValueError, zipfile.BadZipfile) as e:
+        raise CNIError(E_NOT_AVAILABLE, "cannot read the manifests in the node bundle %s" % bundle, str(e))
+    for name in names:
+        if name not in docs:
+            continue
+        try:
+            m = _manifest.validate(docs[name], "%s:%s" % (bundle, name), bpfsys.ATTACH_TYPES)
+        except _manifest.ManifestError as e:
+            raise CNIError(E_NOT_AVAILABLE, "the manifest of %s in the node bundle is invalid" % name, str(e))
+        progs = sorted(p for p, v in m["programs"].items() if v["target"] == "endpoint")
+        if not progs:
+            continue
+        objdir = os.path.join(root, name)
+        loaded = sorted(d for d in (os.listdir(objdir) if os.path.isdir(objdir) else [])
+                        if d.startswith(loader.PROGS_PREFIX))
+        if not loaded:
+            raise CNIError(E_TRY_AGAIN, "object %s, which has endpoint programs, is not loaded in %s" % (name, root))
+        for p in progs:
+            out.append({"object": name, "program": p, "attach": m["programs"][p]["attach"],
+                        "prog_pin": os.path.join(objdir, loaded[-1], p)})
+    return out
+
+
+def _link_pin(root, obj, container_id, ifname, program):
+    name = "%s-%s-%s" % (container_id, ifname, program)
+    return os.path.join(root, obj, ENDPOINT_LINKS, name.replace(".", "_"))   # bpffs refuses dots in names
+
+
+def attach_endpoint(cfg, container_id, ifname, host_interface):
+    """Attach every endpoint program (``endpoint_programs``) to ``host_interface`` as a pinned tcx
+    link; [{object, program, attach, pin}]. All or nothing: a failure unpins what was attached."""
+    progs = endpoint_programs(cfg)
+    if not progs:
+        return []
+    try:
+        ifindex = socket.if_nametoindex(host_interface or "")
+    except OSError:
+        raise CNIError(E_INVALID_CONFIG, "prevResult: host interface %r does not exist" % (host_interface,))
+    done = []
+    try:
+        for p in progs:
+            pin = _link_pin(cfg["pin_path"], p["object"], container_id, ifname, p["program"])
+            if not os.path.isdir(os.path.dirname(pin)):
+                os.mkdir(os.path.dirname(pin), 0o700)
+            if os.path.lexists(pin):
+                loader.unpin_link(pin)          # a repeated ADD: the interface may be a new one
+            with bpfsys.obj_get(p["prog_pin"]) as pfd:
+                with bpfsys.link_create(pfd, ifindex, p["attach"]) as lfd:
+                    bpfsys.obj_pin(lfd, pin)
+            done.append({"object": p["object"], "program": p["program"], "attach": p["attach"], "pin": pin})
+    except OSError as e:
+        for d in done:
+            loader.unpin_link(d["pin"])
+        raise CNIError(E_IO, "cannot attach the endpoint programs to %s" % host_interface, str(e))
+    return done
+
+
+def detach_endpoint(programs):
+    """Detach and unpin the links an endpoint record lists (missing ones are fine)."""
+    for d in programs or []:
+        if isinstance(d, dict) and isinstance(d.get("pin"), str):
+            loader.unpin_link(d["pin"])
 
 
 def plugin_main(environ, stdin, stdout):
@@ -614,8 +717,16 @@ def plugin_main(environ, stdin, stdout):
                    "host_interface": host_if, "host_mac": host_mac, "mac": mac, "state": "ready",
                    "created": int(time.time())}
             try:
+                old = _read_record(record_path(directory, rec["container_id"], rec["ifname"]))
+            except (IOError, OSError, ValueError):
+                old = None
+            if old:
+                detach_endpoint(old.get("programs"))
+            rec["programs"] = attach_endpoint(_dataplane(environ), rec["container_id"], rec["ifname"], host_if)
+            try:
                 _write_atomic(record_path(directory, rec["container_id"], rec["ifname"]), rec)
             except (IOError, OSError) as e:
+                detach_endpoint(rec["programs"])
                 raise CNIError(E_IO, "cannot write the endpoint record in %s" % directory, str(e))
             result = dict(prev)
             result["cniVersion"] = version
@@ -623,8 +734,14 @@ def plugin_main(environ, stdin, stdout):
             return 0
         if command == "DEL":
             _need_env(environ, ("CNI_CONTAINERID", "CNI_IFNAME"))
+            path = record_path(directory, environ["CNI_CONTAINERID"], environ["CNI_IFNAME"])
             try:
-                _unlink(record_path(directory, environ["CNI_CONTAINERID"], environ["CNI_IFNAME"]))
+                old = _read_record(path)
+            except (IOError, OSError, ValueError):
+                old = None
+            try:
+                detach_endpoint((old or {}).get("programs"))
+                _unlink(path)
             except OSError as e:
                 raise CNIError(E_IO, "cannot remove the endpoint record", str(e))
             return 0

@@ -456,3 +456,85 @@ def test_endpoint_info_module(tmp_path):
     [ep] = out["eps"]
     assert (ep["namespace"], ep["name"], ep["labels"], ep["ports"], ep["ips"]) == \
         ("ns", "p", {"app": "db"}, [{"name": "pg", "port": 5432, "protocol": "TCP"}], ["10.244.11.5/24"])
+
+
+EP_COUNT = REPO / "bpf" / "build" / "tests" / "ep_count.o"
+
+
+@needs_root
+@pytest.mark.skipif(not EP_COUNT.exists(), reason="bpf/build/tests/ep_count.o not built (make -C bpf)")
+def test_endpoint_programs_attached_on_add_detached_on_del(cni_bin, env_dirs, netns_factory, host_links, tmp_path):
+    """An object whose manifest has endpoint programs (the selftest's ep_count): ADD attaches them to
+    the pod's host veth (tcx), they see the pod's packets, DEL detaches them; a failed ADD leaves none."""
+    import struct
+    import zipfile
+    from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys, loader
+
+    fs = tmp_path / "bpffs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(fs)], check=True)
+    try:
+        root = str(fs / "kldload-netstack")
+        res = loader.ensure(root, [loader.object_spec("ep_count", str(EP_COUNT), targets={})])
+        assert res["changed"] and not os.listdir(os.path.join(root, "ep_count", "links") if os.path.isdir(
+            os.path.join(root, "ep_count", "links")) else str(tmp_path))    # nothing attached node-wide
+        bundle = tmp_path / "netstack.pyz"
+        with zipfile.ZipFile(str(bundle), "w") as z:
+            z.write(str(EP_COUNT).replace(".o", ".manifest.json"), "netstack_objects/ep_count.manifest.json")
+        cfg = tmp_path / "dataplane.json"
+        cfg.write_text(json.dumps({"pin_path": root, "bundle": str(bundle), "objects": [{"name": "ep_count"}]}))
+        os.environ["NETSTACK_CONFIG"] = str(cfg)     # monkeypatched by env_dirs: restored afterwards
+
+        def counts():
+            with bpfsys.obj_get(os.path.join(root, "ep_count", "maps", "kln_ep_count")) as fd:
+                return [struct.unpack("<Q", bpfsys.map_lookup(fd, struct.pack("<I", i), 8))[0] for i in (0, 1)]
+
+        ns, netns = netns_factory()
+        conf = _conflist(_subnet(), env_dirs["ipam"])
+        cid = uuid.uuid4().hex
+        try:
+            out = cni.invoke(conf, "ADD", cid, netns, "eth0", args=_pod_args("counted"), cni_path=[cni_bin],
+                             cache_dir=env_dirs["cache"])
+            ip = out["ips"][0]["address"].split("/")[0]
+            host_if = [i for i in out["interfaces"] if not i.get("sandbox")][0]["name"]
+            rec = cni.list_endpoints(env_dirs["endpoints"])[0]
+            assert sorted((p["program"], p["attach"]) for p in rec["programs"]) == [
+                ("kln_ep_from_pod", "tcx_ingress"), ("kln_ep_to_pod", "tcx_egress")]
+            ifindex = socket.if_nametoindex(host_if)
+            for at, prog in (("tcx_ingress", "kln_ep_from_pod"), ("tcx_egress", "kln_ep_to_pod")):
+                [pid] = bpfsys.prog_query(ifindex, at)
+                with bpfsys.prog_fd_by_id(pid) as pfd:
+                    assert bpfsys.prog_info(pfd)["name"] == prog[:15]
+            before = counts()
+            srv = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c",
+                                    "import socket\ns=socket.socket(); s.bind(('0.0.0.0', 8081)); s.listen(1)\n"
+                                    "print('up', flush=True); c, a = s.accept(); c.sendall(b'x' * 1000); c.close()"],
+                                   stdout=subprocess.PIPE, text=True)
+            try:
+                assert srv.stdout.readline().strip() == "up"
+                with socket.create_connection((ip, 8081), timeout=3) as c:
+                    assert c.recv(1000)
+            finally:
+                srv.kill()
+                srv.wait()
+            after = counts()
+            assert after[0] > before[0] and after[1] > before[1], (before, after)
+
+            cni.invoke(conf, "DEL", cid, netns, "eth0", cni_path=[cni_bin], cache_dir=env_dirs["cache"])
+            assert os.listdir(os.path.join(root, "ep_count", cni.ENDPOINT_LINKS)) == []
+            # A failed ADD (bad annotation after the attach would have run) leaves no link either.
+            with pytest.raises(cni.CNIError):
+                cni.invoke(conf, "ADD", cid, netns, "eth0", capability_args=_caps(raw_labels="{"), cni_path=[cni_bin],
+                           cache_dir=env_dirs["cache"])
+            assert os.listdir(os.path.join(root, "ep_count", cni.ENDPOINT_LINKS)) == []
+            # The loader keeps endpoint links when it applies the node's objects again.
+            cni.invoke(conf, "ADD", cid, netns, "eth0", cni_path=[cni_bin], cache_dir=env_dirs["cache"])
+            loader.ensure(root, [loader.object_spec("ep_count", str(EP_COUNT), targets={})])
+            assert len(os.listdir(os.path.join(root, "ep_count", cni.ENDPOINT_LINKS))) == 2
+        finally:
+            try:
+                cni.invoke(conf, "DEL", cid, netns, "eth0", cni_path=[cni_bin], cache_dir=env_dirs["cache"])
+            except cni.CNIError:
+                pass
+    finally:
+        subprocess.run(["umount", str(fs)], check=False)
