@@ -4,9 +4,10 @@
 """The node's dataplane: one configuration, one apply path.
 
 The node configuration (``/etc/kldload-netstack/dataplane.json``) says which eBPF objects the
-node runs, where they attach, the map sizes, the socket LB's settings and the direct routes.
+node runs, where they attach, the map sizes, the socket LB's settings, the routes and the pod network.
 ``apply()`` makes the node match it - objects and attachments through the loader (loader.py),
-the service table through the LB writer (lb/), routes through netlink (routes.py) - and is called
+the service table through the LB writer (lb/), routes and the pod network through netlink and nft
+(routes.py, podnet.py) - and is called
 the same way by the ``node_dataplane`` module (with the inventory's service table) and by
 ``netstack dataplane restore`` at boot (with the last applied table, from the LB state file and
 its journal). Everything is validated before anything on the node is touched.
@@ -20,7 +21,18 @@ Configuration::
      "maps": {"kln_lb4_svc": 131072},
      "lb": {"maglev_table_size": 16381, "state_file": "/var/lib/kldload-netstack/lb/services.json",
             "destroy_udp_sockets": true},
-     "routes": [{"dst": "10.244.11.0/24", "via": "192.168.1.21"}]}
+     "routes": [{"dst": "10.0.50.0/24", "via": "192.168.1.1"}],
+     "pods": {"cidr": "10.244.11.0/24", "routing_mode": "tunnel", "underlay_interface": "eth0",
+              "underlay_ip": "192.168.1.11", "mtu": 0, "vxlan": {"device": "kln_vxlan", "vni": 1, "port": 8472},
+              "nodes": [{"name": "node2", "underlay_ip": "192.168.1.12", "pod_cidr": "10.244.12.0/24"}],
+              "service_cidr": "10.96.0.0/12", "masquerade": true,
+              "cni": {"conflist": "/etc/cni/net.d/05-kldload-netstack.conflist", "bin_dir": "/usr/lib/cni"}}}
+
+``pods`` (podnet.py; null or absent: no pod network) is the node's pod network: its pod CIDR, the
+routing mode to the other nodes' pod CIDRs (VXLAN ``tunnel`` or ``native`` routes via their underlay
+addresses), the pod MTU (0: from the underlay's), masquerade out of the cluster, and the CNI conflist
+(which the CNI plugin also reads for the pod CIDR and MTU). ``routes`` are extra routes the dataplane
+owns; the routes to the other nodes' pod CIDRs come from ``pods`` (one routes.sync() makes both).
 
 ``bundle`` is the node unit the dataplane role installs (``make node``): the node command and its
 library as one zipapp, with every eBPF object and its manifest inside (``netstack_objects/``); the
@@ -41,7 +53,7 @@ import shutil
 import tempfile
 import zipfile
 
-from ansible_collections.kldload.netstack.plugins.module_utils import lb, loader, routes, units
+from ansible_collections.kldload.netstack.plugins.module_utils import lb, loader, podnet, routes, units
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool
 
 CONFIG_PATH = "/etc/kldload-netstack/dataplane.json"
@@ -50,7 +62,7 @@ BUNDLE_OBJECTS = "netstack_objects/"
 RESTORE_UNIT = "netstack-dataplane.service"
 STATE_FILE = "/var/lib/kldload-netstack/lb/services.json"
 SCHEMA = 1
-_TOP_KEYS = ("schema", "pin_path", "bundle", "objects", "maps", "lb", "routes")
+_TOP_KEYS = ("schema", "pin_path", "bundle", "objects", "maps", "lb", "routes", "pods")
 _OBJ_KEYS = ("name", "targets")
 _TARGET_KEYS = ("cgroup", "families", "devices", "xdp_mode")
 _LB_KEYS = ("maglev_table_size", "state_file", "destroy_udp_sockets")
@@ -65,7 +77,7 @@ def default_config():
             "objects": [{"name": "sock_lb", "targets": {"cgroup": None, "families": [4, 6], "devices": []}}],
             "maps": {},
             "lb": {"maglev_table_size": lb.DEFAULT_MAGLEV_M, "state_file": STATE_FILE, "destroy_udp_sockets": True},
-            "routes": []}
+            "routes": [], "pods": None}
 
 
 def _keys(d, known, where):
@@ -136,6 +148,11 @@ def validate(cfg):
     try:
         out["routes"] = routes.normalize(cfg.get("routes") or [], "config.routes")
     except routes.RouteError as e:
+        raise ConfigError(str(e))
+    try:
+        out["pods"] = podnet.normalize(cfg.get("pods"))
+        podnet.check_routes(out["pods"], out["routes"])
+    except podnet.PodError as e:
         raise ConfigError(str(e))
     return out
 
@@ -213,11 +230,12 @@ def restore_unit_text(cfg, config_path):
     return ("# Managed by kldload.netstack (node_dataplane)\n"
             "# Applies the node configuration (%s) again at boot: bpffs is empty after a reboot, so the\n"
             "# objects are loaded and attached again, the last applied service table is written back and the\n"
-            "# direct routes are made - the same function the node_dataplane module runs.\n"
+            "# routes and the pod network are made - the same function the node_dataplane module runs.\n"
+            "# network-online: the pod network needs the underlay's address.\n"
             "[Unit]\n"
-            "Description=kldload.netstack dataplane (eBPF objects, service table, routes)\n"
-            "After=local-fs.target network.target netstack-bpffs-sys-fs-bpf.service\n"
-            "Wants=netstack-bpffs-sys-fs-bpf.service\n"
+            "Description=kldload.netstack dataplane (eBPF objects, service table, routes, pod network)\n"
+            "After=local-fs.target network.target network-online.target netstack-bpffs-sys-fs-bpf.service\n"
+            "Wants=network-online.target netstack-bpffs-sys-fs-bpf.service\n"
             "\n"
             "[Service]\n"
             "Type=oneshot\n"
@@ -244,11 +262,13 @@ def apply(cfg, services=None, check=False, config_path=None, module=None, restor
     state file and its journal: what boot-time restore programs).
 
     Returns {changed, config {changed, before, after}, dataplane (loader result), lb (lb.sync
-    result), routes [changes], missing [objects not installed]}. Raises ConfigError, lb.LbError,
-    loader.ProgError, routes.RouteError (all before the first write when the input is at fault)."""
+    result), routes [changes], pods (podnet.apply() result), missing [objects not installed]}.
+    Raises ConfigError, lb.LbError, loader.ProgError, routes.RouteError (all before the first write
+    when the input is at fault)."""
     cfg = validate(cfg)
     table = services if services is not None else lb.load_state(cfg["lb"]["state_file"])
     lb.normalize(table, cfg["lb"]["maglev_table_size"])        # every service checked before anything is touched
+    _pods_preflight(cfg, module)                               # the underlay the pod network needs, likewise
     text = config_text(cfg)
     before_text = units.read(config_path) if config_path else None
     res = {"config": {"changed": config_path is not None and before_text != text, "path": config_path,
@@ -265,14 +285,31 @@ def apply(cfg, services=None, check=False, config_path=None, module=None, restor
             res["dataplane"] = loader.ensure(cfg["pin_path"], _objects(cfg, paths), check=check, prune=True,
                                              module=module)
     res["lb"] = _lb(cfg, table, check, module, res)
-    res["routes"] = routes.sync(cfg["routes"], check=check)
+    res["pods"] = apply_network(cfg, check=check, module=module)
+    res["routes"] = res["pods"]["routes"]
     if res["config"]["changed"] and not check:
         units.write(config_path, text)
     res["unit"] = units.ensure_unit(RESTORE_UNIT, restore_unit_text(cfg, config_path), "multi-user.target", check=check,
                                     module=module) if restore_unit else []
     res["changed"] = bool(res["config"]["changed"] or res["dataplane"]["changed"] or res["lb"]["changed"]
-                          or res["routes"] or res["unit"])
+                          or res["routes"] or res["pods"]["changed"] or res["unit"])
     return res
+
+
+def _pods_preflight(cfg, module):
+    try:
+        podnet.preflight(cfg["pods"], module)
+    except podnet.PodError as e:
+        raise ConfigError(str(e))
+
+
+def apply_network(cfg, check=False, module=None):
+    """The node's routes and pod network (``routes`` and ``pods`` of the validate()d ``cfg``): what
+    apply() does after the objects and services. podnet.apply()'s result; ConfigError names the field."""
+    try:
+        return podnet.apply(cfg["pods"], cfg["routes"], bundle=cfg["bundle"], check=check, module=module)
+    except podnet.PodError as e:
+        raise ConfigError(str(e))
 
 
 def _lb(cfg, table, check, module, res):
@@ -294,23 +331,26 @@ def _lb(cfg, table, check, module, res):
 
 def remove(cfg, check=False, config_path=None, module=None, restore_unit=False):
     """Take the dataplane off the node: the restore unit (with ``restore_unit``), every object and
-    shared map, the routes it owns, the LB state file and its journal, the configuration file."""
+    shared map, the routes it owns, the pod network (podnet.remove(): the VXLAN device, nftables table,
+    conflist, plugin symlink - of ``cfg["pods"]``' names and the defaults), the LB state file and its
+    journal, the configuration file."""
     cfg = validate(cfg)
     unit = units.remove_unit(RESTORE_UNIT, "multi-user.target", check=check, module=module) if restore_unit else []
+    pods = podnet.remove(cfg["pods"], [], check=check, module=module)
     res = {"dataplane": loader.ensure(cfg["pin_path"], [], state="absent", check=check, prune=True, module=module),
-           "routes": routes.sync([], check=check), "files": [], "unit": unit}
+           "routes": pods["routes"], "pods": pods, "files": [], "unit": unit}
     sf = cfg["lb"]["state_file"]
     for p in [sf, sf + ".journal"] + ([config_path] if config_path else []):
         if os.path.lexists(p):
             res["files"].append(p)
             if not check:
                 os.unlink(p)
-    res["changed"] = bool(res["dataplane"]["changed"] or res["routes"] or res["files"] or res["unit"])
+    res["changed"] = bool(res["dataplane"]["changed"] or res["pods"]["changed"] or res["files"] or res["unit"])
     return res
 
 
 def status(cfg):
-    """What the node runs now: {objects, globals (loader.report), services (count), routes (owned)}."""
+    """What the node runs now: {objects, globals (loader.report), services (count), pods (podnet.status())}."""
     cfg = validate(cfg)
     rep = loader.report(cfg["pin_path"])
     rep["config"] = cfg
@@ -318,4 +358,8 @@ def status(cfg):
         rep["services"] = len(lb.table(globals_dir(cfg), cfg["lb"]["state_file"]))
     except (lb.LbError, OSError):
         rep["services"] = None
+    try:
+        rep["pods"] = podnet.status(cfg["pods"])
+    except (ImportError, OSError, podnet.PodError) as e:
+        rep["pods"] = {"enabled": cfg["pods"] is not None, "error": str(e)}
     return rep

@@ -10,7 +10,7 @@ __metaclass__ = type
 DOCUMENTATION = r"""
 ---
 module: node_dataplane
-short_description: Apply a node's whole eBPF dataplane - objects, attachments, shared maps, service table, routes - from one configuration
+short_description: Apply a node's whole dataplane - eBPF objects, attachments, shared maps, service table, routes, pod network - from one configuration
 version_added: 0.2.0
 description:
   - Writes the node configuration (O(config_path)) and makes the node match it in one step, through the same
@@ -28,14 +28,23 @@ description:
   - B(Services.) O(services) is the whole service table of the socket load balancer, written as
     M(kldload.netstack.lb_services) with O(kldload.netstack.lb_services#module:prune=true) writes it
     (validated first, the difference written in commit order).
-  - B(Routes.) O(routes) are the direct routes to the other nodes' pod CIDRs. The routes this module makes
-    carry routing protocol 220 (C(ip route) shows C(proto 220)); one no longer listed is deleted, a route of
-    anyone else to the same destination is an error, never replaced.
+  - B(Routes.) The routes to the other nodes' pod CIDRs come from O(pods) (its routing mode); O(routes) are
+    any other routes the dataplane owns. The routes this module makes carry routing protocol 220 (C(ip route)
+    shows C(proto 220)); one no longer wanted is deleted, a route of anyone else to the same destination is an
+    error, never replaced.
+  - B(Pod network.) O(pods) is the node's pod network (version_added 0.3.0) - its pod CIDR, the routes to the
+    other nodes' pod CIDRs in O(pods.routing_mode=tunnel) (a VXLAN device with MACs derived from the underlay
+    addresses, per node a route C(onlink), a permanent neighbour and an fdb entry, no learning) or
+    O(pods.routing_mode=native) (routes via the nodes' underlay addresses), the pod MTU, masquerade of traffic
+    leaving the cluster (one nftables table C(ip kldload_netstack)), the CNI conflist and the C(netstack-cni)
+    plugin symlink to O(bundle). Changing the mode is one run - the other mode's device, neighbours, fdb and
+    routes go. Without O(pods), whatever of a pod network is there (default names) is removed.
   - Everything is validated before anything on the node is touched; bad input fails naming the field.
   - B(Boot.) With O(restore_unit), the unit C(netstack-dataplane.service) (enabled) runs C(netstack dataplane
     restore) at boot, which applies the same configuration again with the last applied service table.
-  - O(state=absent) removes the dataplane - the restore unit, every object, shared map, owned route, the LB
-    state file and its journal, and the configuration file.
+  - O(state=absent) removes the dataplane - the restore unit, every object, shared map, owned route, the pod
+    network (VXLAN device, nftables table, conflist, plugin symlink), the LB state file and its journal, and the
+    configuration file.
 extends_documentation_fragment:
   - kldload.netstack.dataplane
   - kldload.netstack.dataplane.services
@@ -87,19 +96,108 @@ options:
     type: bool
     default: true
   routes:
-    description: Direct routes the dataplane owns (to the other nodes' pod CIDRs through their underlay addresses).
+    description:
+      - Other routes the dataplane owns (the routes to the other nodes' pod CIDRs come from O(pods); a pod CIDR
+        of O(pods.nodes) here is an error).
     type: list
     elements: dict
     default: []
     suboptions:
       dst:
-        description: Destination network (the other node's pod CIDR).
+        description: Destination network.
         type: str
         required: true
       via:
-        description: Gateway (the other node's underlay address).
+        description: Gateway.
         type: str
         required: true
+  pods:
+    description:
+      - The node's pod network (IPv4). Omitted - no pod network (one made before is removed).
+    type: dict
+    version_added: 0.3.0
+    suboptions:
+      cidr:
+        description: This node's pod CIDR (pods get addresses from it through host-local IPAM).
+        type: str
+        required: true
+      routing_mode:
+        description:
+          - V(tunnel) - VXLAN between the nodes' underlay addresses; V(native) - routes via the nodes' underlay
+            addresses (the underlay must route between them directly).
+        type: str
+        choices: [tunnel, native]
+        default: tunnel
+      underlay_interface:
+        description: The device the node reaches the other nodes through.
+        type: str
+        required: true
+      underlay_ip:
+        description: This node's address on O(pods.underlay_interface) (the VXLAN source; the MAC is derived from it).
+        type: str
+        required: true
+      mtu:
+        description:
+          - The pod MTU (on the VXLAN device and in ptp's C(mtu)). V(0) - the underlay's MTU minus 50 (the VXLAN
+            overhead) in tunnel mode, the underlay's MTU in native mode.
+        type: int
+        default: 0
+      vxlan:
+        description: The VXLAN device of tunnel mode.
+        type: dict
+        suboptions:
+          device:
+            description: Device name.
+            type: str
+            default: kln_vxlan
+          vni:
+            description: VXLAN network identifier (the same on every node).
+            type: int
+            default: 1
+          port:
+            description: UDP destination port (the same on every node).
+            type: int
+            default: 8472
+      nodes:
+        description: The other nodes (not this one).
+        type: list
+        elements: dict
+        default: []
+        suboptions:
+          name:
+            description: Node name (reported).
+            type: str
+            required: true
+          underlay_ip:
+            description: The node's underlay address.
+            type: str
+            required: true
+          pod_cidr:
+            description: The node's pod CIDR (may not overlap another's, this node's or the service CIDR).
+            type: str
+            required: true
+      service_cidr:
+        description: The service CIDR (not masqueraded; may not overlap a pod CIDR).
+        type: str
+        default: 10.96.0.0/12
+      masquerade:
+        description:
+          - Masquerade traffic from the pod CIDR to anything outside the cluster (all pod CIDRs and the service
+            CIDR) leaving through O(pods.underlay_interface). V(false) - the nftables table is removed.
+        type: bool
+        default: true
+      cni:
+        description: Where the CNI network configuration goes.
+        type: dict
+        suboptions:
+          conflist:
+            description: The conflist (network C(kldload-netstack)), written atomically.
+            type: path
+            default: /etc/cni/net.d/05-kldload-netstack.conflist
+          bin_dir:
+            description: The CNI plugin directory; C(<bin_dir>/netstack-cni) is made a symlink to O(bundle).
+            type: path
+            default: /usr/lib/cni
   config_path:
     description: Where the node configuration is written (read back by C(netstack) on the node).
     type: path
@@ -110,10 +208,14 @@ options:
     choices: [present, absent]
     default: present
 requirements:
-  - root, bpftool (libbpf), a kernel with BPF links; python3-pyroute2 when O(routes) are given.
+  - root, bpftool (libbpf), a kernel with BPF links; python3-pyroute2 (routes, pod network); nftables (nft) with
+    O(pods.masquerade).
 notes:
   - Supports check mode and diff mode. The diff shows the configuration file, the loaded objects (versions,
-    map sizes, attachments), the shared maps, the services added, removed and changed, and the routes.
+    map sizes, attachments), the shared maps, the services added, removed and changed, the routes and the pod
+    network's changes.
+  - The conflist's C(cniVersion) is C(1.1.0) when the node's C(ptp) plugin supports it, else C(1.0.0)
+    (Debian's containernetworking-plugins 1.1.1 stop at 1.0.0 and refuse a 1.1.0 configuration).
   - In check mode on a node where the objects are not installed yet, the objects are reported as to be
     installed and loaded and every service as to be added.
 seealso:
@@ -137,8 +239,14 @@ EXAMPLES = r"""
         backends:
           - {ip: 10.244.1.5, port: 8080, weight: 90}
           - {ip: 10.244.2.7, port: 8080, weight: 10}
-    routes:
-      - {dst: 10.244.11.0/24, via: 192.168.1.21}
+    pods:
+      cidr: 10.244.11.0/24
+      routing_mode: tunnel
+      underlay_interface: eth0
+      underlay_ip: 192.168.1.11
+      nodes:
+        - {name: node2, underlay_ip: 192.168.1.12, pod_cidr: 10.244.12.0/24}
+        - {name: node3, underlay_ip: 192.168.1.13, pod_cidr: 10.244.13.0/24}
 
 - name: Take the dataplane off the node
   kldload.netstack.node_dataplane:
@@ -183,6 +291,16 @@ routes:
   returned: always
   type: list
   elements: str
+pods:
+  description:
+    - The pod network - C(changes) (what was done or would be, besides routes), C(mtu) (the pod MTU), C(mode)
+      (routing mode, or null without a pod network).
+  returned: always
+  type: dict
+  sample:
+    changes: ["create vxlan device kln_vxlan (vni 1, dstport 8472, local 192.168.1.11 dev eth0, mac 02:4b:c0:a8:01:0b, mtu 1450)"]
+    mtu: 1450
+    mode: tunnel
 unit:
   description: Changes to the restore unit (written, enabled, removed).
   returned: always
@@ -205,7 +323,8 @@ verifier_log:
 import json
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.kldload.netstack.plugins.module_utils import argspec, lb, loader, routes, runtime
+from ansible_collections.kldload.netstack.plugins.module_utils import argspec, lb, loader, podnet, routes, runtime
+from ansible_collections.kldload.netstack.plugins.module_utils.runner import ToolError
 from ansible_collections.kldload.netstack.plugins.module_utils.bpfsys import BpfError
 
 
@@ -217,7 +336,7 @@ def _config(p):
             "maps": p["maps"],
             "lb": {"maglev_table_size": p["maglev_table_size"], "state_file": p["state_file"],
                    "destroy_udp_sockets": p["destroy_udp_sockets"]},
-            "routes": p["routes"]}
+            "routes": p["routes"], "pods": p["pods"]}
 
 
 def main():
@@ -236,6 +355,29 @@ def main():
             dst=dict(type="str", required=True),
             via=dict(type="str", required=True),
         )),
+        pods=dict(type="dict", options=dict(
+            cidr=dict(type="str", required=True),
+            routing_mode=dict(type="str", choices=["tunnel", "native"], default="tunnel"),
+            underlay_interface=dict(type="str", required=True),
+            underlay_ip=dict(type="str", required=True),
+            mtu=dict(type="int", default=0),
+            vxlan=dict(type="dict", options=dict(
+                device=dict(type="str", default="kln_vxlan"),
+                vni=dict(type="int", default=1),
+                port=dict(type="int", default=8472),
+            )),
+            nodes=dict(type="list", elements="dict", default=[], options=dict(
+                name=dict(type="str", required=True),
+                underlay_ip=dict(type="str", required=True),
+                pod_cidr=dict(type="str", required=True),
+            )),
+            service_cidr=dict(type="str", default="10.96.0.0/12"),
+            masquerade=dict(type="bool", default=True),
+            cni=dict(type="dict", options=dict(
+                conflist=dict(type="path", default="/etc/cni/net.d/05-kldload-netstack.conflist"),
+                bin_dir=dict(type="path", default="/usr/lib/cni"),
+            )),
+        )),
         config_path=dict(type="path", default=runtime.CONFIG_PATH),
         state=dict(type="str", choices=["present", "absent"], default="present"),
     )
@@ -252,13 +394,17 @@ def main():
                                 config_path=p["config_path"], module=module, restore_unit=p["restore_unit"])
     except loader.ProgError as e:
         module.fail_json(msg=str(e), verifier_log=e.details)
-    except (runtime.ConfigError, lb.LbError, routes.RouteError) as e:
+    except (runtime.ConfigError, lb.LbError, routes.RouteError, podnet.PodError) as e:
         module.fail_json(msg=str(e))
+    except ToolError as e:
+        module.fail_json(msg="applying the dataplane failed: %s" % e)
     except (BpfError, OSError) as e:
         module.fail_json(msg="applying the dataplane failed: %s" % e)
     dp = res["dataplane"]
     out = dict(changed=res["changed"], actions=dp["actions"], objects=dp["report"]["objects"],
-               shared_maps=dp["report"]["globals"], routes=res["routes"], unit=res["unit"])
+               shared_maps=dp["report"]["globals"], routes=res["routes"], unit=res["unit"],
+               pods={"changes": res["pods"]["changes"], "mtu": res["pods"]["mtu"],
+                     "mode": cfg["pods"]["routing_mode"] if cfg["pods"] else None})
     if p["state"] == "present":
         d = res["lb"]["diff"]
         out.update(services=res["lb"]["services"], added=d["added"], removed=d["removed"], service_changes=d["changed"],
@@ -288,6 +434,7 @@ def _diff(res, state):
         after += ["service %s %s changed: %s" % (c["service"], c["name"], json.dumps(
             dict((k, v) for k, v in c.items() if k not in ("service", "name")), sort_keys=True)) for c in d["changed"]]
     after += ["route %s" % r for r in res["routes"]]
+    after += ["pods: %s" % c for c in res["pods"]["changes"]]
     after += ["unit: %s" % u for u in res["unit"]]
     return {"before": "\n".join(before) + "\n", "after": "\n".join(after) + "\n"}
 

@@ -206,3 +206,97 @@ def test_node_bundle_is_one_zipapp_with_the_whole_library(tmp_path):
     helped = subprocess.run([sys.executable, pyz, "--help"], capture_output=True, text=True, check=True).stdout
     assert "lb list" in helped and "dataplane restore" in helped
     assert "echo" not in helped.split("usage:")[1].split("\n")[0] and " probe" not in helped   # no test helpers
+
+
+# ---- the pod network (pods) ----------------------------------------------------------------------
+
+_PODS = {"cidr": "10.244.1.0/24", "underlay_interface": "eth0", "underlay_ip": "192.168.1.11",
+         "nodes": [{"name": "node2", "underlay_ip": "192.168.1.12", "pod_cidr": "10.244.2.0/24"},
+                   {"name": "node3", "underlay_ip": "192.168.1.13", "pod_cidr": "10.244.3.0/24"}]}
+
+
+def _pods(**kw):
+    p = json.loads(json.dumps(_PODS))
+    p.update(kw)
+    return {"pods": p}
+
+
+def test_pods_section_is_off_when_absent_and_canonical_when_given():
+    assert runtime.validate({})["pods"] is None
+    p = runtime.validate(_pods())["pods"]
+    assert p == {"cidr": "10.244.1.0/24", "routing_mode": "tunnel", "underlay_interface": "eth0",
+                 "underlay_ip": "192.168.1.11", "mtu": 0, "vxlan": {"device": "kln_vxlan", "vni": 1, "port": 8472},
+                 "nodes": _PODS["nodes"], "service_cidr": "10.96.0.0/12", "masquerade": True,
+                 "cni": {"conflist": "/etc/cni/net.d/05-kldload-netstack.conflist", "bin_dir": "/usr/lib/cni"}}
+    cfg = runtime.validate(_pods())
+    assert runtime.validate(json.loads(runtime.config_text(cfg))) == cfg       # the file reads back the same
+
+
+def test_pod_routes_and_conflist():
+    from ansible_collections.kldload.netstack.plugins.module_utils import podnet
+    p = runtime.validate(_pods())["pods"]
+    assert podnet.wanted_routes(p)[0] == {"dst": "10.244.2.0/24", "via": "10.244.2.0", "dev": "kln_vxlan", "onlink": True}
+    native = podnet.wanted_routes(dict(p, routing_mode="native"))
+    assert native[0] == {"dst": "10.244.2.0/24", "via": "192.168.1.12", "dev": "eth0"}
+    conf = podnet.conflist(p, 1450)
+    assert conf["name"] == "kldload-netstack" and conf["cniVersion"] == "1.1.0"
+    assert conf["plugins"][0] == {"type": "ptp", "mtu": 1450, "capabilities": {"ips": True},
+                                  "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.1.0/24"}]],
+                                           "routes": [{"dst": "0.0.0.0/0"}], "dataDir": "/var/lib/cni/networks"}}
+    assert conf["plugins"][1] == {"type": "netstack-cni", "capabilities": {"io.kubernetes.cri.pod-annotations": True}}
+    text = podnet.nft_text(p)
+    assert ('ip saddr 10.244.1.0/24 ip daddr != { 10.96.0.0/12, 10.244.1.0/24, 10.244.2.0/23 } oifname "eth0" masquerade'
+            in text)
+
+
+_N2 = {"name": "node2", "underlay_ip": "192.168.1.12", "pod_cidr": "10.244.2.0/24"}
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (_pods(routing_mode="bgp"), "config.pods.routing_mode: 'bgp' is not a routing mode (tunnel or native)"),
+    (_pods(cidr="10.244.1.1/24"), "config.pods.cidr: '10.244.1.1/24' is not a network"),
+    (_pods(cidr="fd00::/64"), "config.pods.cidr: fd00::/64 is not an IPv4 network"),
+    (_pods(cidr=None), "config.pods.cidr: required (a network)"),
+    (_pods(underlay_ip=""), "config.pods.underlay_ip: required (an address)"),
+    (_pods(underlay_ip="192.168.1.300"), "config.pods.underlay_ip: '192.168.1.300' is not an address"),
+    (_pods(underlay_interface=""), "config.pods.underlay_interface: a device name"),
+    (_pods(mtu=100), "config.pods.mtu: an integer 576-65535, got 100"),
+    (_pods(vxlan={"vni": 0}), "config.pods.vxlan.vni: an integer 1-16777215, got 0"),
+    (_pods(vxlan={"device": "eth0"}), "config.pods.vxlan.device: eth0 is the underlay interface"),
+    (_pods(vxlan={"colour": 1}), "config.pods.vxlan: unknown field(s) colour"),
+    (_pods(service_cidr="10.244.0.0/16"), "config.pods.cidr: 10.244.1.0/24 overlaps the service CIDR 10.244.0.0/16"),
+    (_pods(nodes=[dict(_N2, pod_cidr="10.244.1.0/25")]),
+     "config.pods.nodes[0].pod_cidr: 10.244.1.0/25 overlaps this node's pod CIDR 10.244.1.0/24"),
+    (_pods(nodes=[dict(_N2, pod_cidr="10.100.0.0/24")]),
+     "config.pods.nodes[0].pod_cidr: 10.100.0.0/24 overlaps the service CIDR 10.96.0.0/12"),
+    (_pods(nodes=[_N2, dict(_N2, name="node3", underlay_ip="192.168.1.13", pod_cidr="10.244.2.128/25")]),
+     "config.pods.nodes[1].pod_cidr: 10.244.2.128/25 overlaps the pod CIDR 10.244.2.0/24 of config.pods.nodes[0]"),
+    (_pods(nodes=[_N2, dict(_N2, underlay_ip="192.168.1.13", pod_cidr="10.244.3.0/24")]),
+     "config.pods.nodes[1].name: node node2 is listed twice"),
+    (_pods(nodes=[_N2, dict(_N2, name="node3", pod_cidr="10.244.3.0/24")]),
+     "config.pods.nodes[1].underlay_ip: 192.168.1.12 is also the underlay_ip of config.pods.nodes[0]"),
+    (_pods(nodes=[dict(_N2, underlay_ip="192.168.1.11")]),
+     "config.pods.nodes[0].underlay_ip: 192.168.1.11 is this node's own underlay_ip"),
+    (_pods(nodes=[dict(_N2, pod_cidr="x")]), "config.pods.nodes[0].pod_cidr: 'x' is not a network"),
+    (_pods(masquerade="yes"), "config.pods.masquerade: must be true or false"),
+    (_pods(cni={"conflist": "rel.conflist"}), "config.pods.cni.conflist: must be an absolute path"),
+    (_pods(colour="red"), "config.pods: unknown field(s) colour"),
+    (dict(_pods(), routes=[{"dst": "10.244.2.0/24", "via": "192.168.1.12"}]),
+     "config.routes: 10.244.2.0/24 is the pod CIDR of node node2 in config.pods.nodes"),
+])
+def test_pods_errors_name_the_field(cfg, message):
+    with pytest.raises(runtime.ConfigError) as e:
+        runtime.validate(cfg)
+    assert message in str(e.value)
+
+
+def test_route_plan_with_devices():
+    cur = {"10.244.2.0/24": ("10.244.2.0", routes.RTPROT_NETSTACK, "kln_vxlan", True),
+           "10.244.3.0/24": ("192.168.1.13", routes.RTPROT_NETSTACK, "eth0", False)}
+    want = routes.normalize([{"dst": "10.244.2.0/24", "via": "10.244.2.0", "dev": "kln_vxlan", "onlink": True},
+                             {"dst": "10.244.3.0/24", "via": "10.244.3.0", "dev": "kln_vxlan", "onlink": True}])
+    add, replace, delete = routes.plan(cur, want)
+    assert (add, delete) == ([], [])
+    assert replace == [dict(want[1], was="192.168.1.13")]
+    with pytest.raises(routes.RouteError, match=r"routes\[0\].onlink: true or false \(true needs dev\)"):
+        routes.normalize([{"dst": "10.244.2.0/24", "via": "10.244.2.0", "onlink": True}])
