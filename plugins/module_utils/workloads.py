@@ -432,6 +432,8 @@ class Node:
             undo.append(lambda: self.ip(["ip", "netns", "delete", netns]))
             self.cni.invoke_loopback(cid, os.path.join(NETNS_DIR, netns), command="ADD", cni_path=self.cni_path,
                                      **self.cache_kw)
+            undo.append(lambda: self.cni.invoke_loopback(cid, os.path.join(NETNS_DIR, netns), command="DEL",
+                                                         cni_path=self.cni_path, **self.cache_kw))
             result = self._invoke("ADD", spec, cid, netns) or {}
             # ADD cleans up after itself when it fails; once it succeeded, undo is a DEL
             undo.append(lambda: self._invoke("DEL", spec, cid, netns))
