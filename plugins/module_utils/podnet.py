@@ -471,6 +471,7 @@ def _apply(pods, static_routes=None, bundle=None, check=False, module=None):
     with IPRoute() as ipr:
         probe = _preflight(ipr, pods, module)
         mtu = probe["mtu"] if probe else None
+        routes.plan(routes.read(ipr), wanted)      # a route of someone else to a pod CIDR: refused before any change
         before = read(pods)
         if pods is None:
             other = None

@@ -37,7 +37,7 @@ def nsexec(ns, *argv, **kw):
 _RUN = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, %r)
-    from ansible_collections.kldload.netstack.plugins.module_utils import podnet, runtime
+    from ansible_collections.kldload.netstack.plugins.module_utils import podnet, routes, runtime
     req = json.load(sys.stdin)
     try:
         cfg = runtime.validate(req["cfg"])
@@ -47,7 +47,7 @@ _RUN = textwrap.dedent("""
             out = podnet.remove(cfg["pods"], [], check=req["check"])
         else:
             out = podnet.status(cfg["pods"])
-    except runtime.ConfigError as e:
+    except (runtime.ConfigError, routes.RouteError) as e:
         out = {"error": str(e)}
     print(json.dumps(out))
 """) % COLLECTIONS
@@ -340,14 +340,18 @@ def test_masquerade_off_removes_the_table_and_mtu_can_be_set(cluster):
     ({"routing_mode": "bgp"}, "config.pods.routing_mode: 'bgp' is not a routing mode"),
     ({"nodes": [{"name": "b", "underlay_ip": "192.168.77.2", "pod_cidr": "10.244.1.128/25"}]},
      "config.pods.nodes[0].pod_cidr: 10.244.1.128/25 overlaps this node's pod CIDR"),
+    ("foreign route", "routes: 10.244.2.0/24 is already routed (via 192.168.77.99, proto 4) by someone else"),
 ])
 def test_errors_touch_nothing(cluster, pods, message):
     forward = nsexec(NODES["a"]["ns"], "cat", "/proc/sys/net/ipv4/ip_forward").stdout     # a new netns's: 0 or the host's
+    if pods == "foreign route":
+        nsexec(NODES["a"]["ns"], "ip", "route", "add", "10.244.2.0/24", "via", "192.168.77.99", "proto", "static")
+        pods = {}
     res = run_in("a", "apply", config(cluster, "a", **pods))
     assert message in res["error"]
     ns = NODES["a"]["ns"]
     assert nsexec(ns, "ip", "link", "show", "kln_vxlan", check=False).returncode != 0
-    assert "proto 220" not in nsexec(ns, "ip", "route").stdout
+    assert "proto 220" not in nsexec(ns, "ip", "route").stdout and "proto 220" not in nsexec(ns, "ip", "neigh").stdout
     assert nsexec(ns, "nft", "list", "ruleset").stdout.strip() == ""
     assert nsexec(ns, "cat", "/proc/sys/net/ipv4/ip_forward").stdout == forward
     assert not os.path.exists(os.path.join(cluster["tmp"], "a"))
