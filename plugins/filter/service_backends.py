@@ -34,6 +34,8 @@ def _flatten(endpoints):
         if key in seen:
             continue
         seen.add(key)
+        if not e.get("ip") and e.get("ips"):       # an endpoint record of netstack-cni (endpoint_info)
+            e = dict(e, ip=str(e["ips"][0]).split("/", maxsplit=1)[0])
         out.append(e)
     return out
 

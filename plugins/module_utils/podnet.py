@@ -216,9 +216,13 @@ def wanted_routes(pods):
 
 
 def cluster_cidrs(pods):
-    """Every pod CIDR and the service CIDR: what is not masqueraded."""
-    nets = [ipaddress.ip_network(pods["cidr"]), ipaddress.ip_network(pods["service_cidr"])]
+    """Every pod CIDR, the service CIDR and every node's underlay address: what is not masqueraded
+    (a pod's traffic to another node keeps the pod's address: the node answers through the pod routes,
+    and the policy there sees the pod, not a node)."""
+    nets = [ipaddress.ip_network(pods["cidr"]), ipaddress.ip_network(pods["service_cidr"]),
+            ipaddress.ip_network(pods["underlay_ip"])]
     nets += [ipaddress.ip_network(n["pod_cidr"]) for n in pods["nodes"]]
+    nets += [ipaddress.ip_network(n["underlay_ip"]) for n in pods["nodes"]]
     return [str(n) for n in ipaddress.collapse_addresses(nets)]
 
 

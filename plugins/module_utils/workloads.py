@@ -255,6 +255,15 @@ def spec_hash(spec):
     return hashlib.sha256(json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def network_hash(conflist):
+    """sha256 of the CNI network configuration a workload was made with (a pod keeps the MTU and
+    range it got at ADD: when the network changes, e.g. the routing mode and so the MTU, the
+    workload is made again)."""
+    if not conflist:
+        return None
+    return hashlib.sha256(json.dumps(conflist, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def container_id(spec):
     """64 hex characters like a runtime's sandbox id; a changed spec gets a new one."""
     return hashlib.sha256(("netstack-sandbox:" + spec_hash(spec)).encode()).hexdigest()
@@ -368,7 +377,7 @@ def describe(e):
                                                        e.get("ip") or "(assigned)", lbl, ports)
 
 
-def plan(specs, records, starter, prune=True, netns_prefix=NETNS_PREFIX):
+def plan(specs, records, starter, prune=True, netns_prefix=NETNS_PREFIX, network=None):
     """[{namespace, name, action: create|recreate|delete|keep, reason}] in execution order
     (deletions first, so a pinned IP or a name can move)."""
     want = dict(((s["namespace"], s["name"]), s) for s in specs)
@@ -385,6 +394,8 @@ def plan(specs, records, starter, prune=True, netns_prefix=NETNS_PREFIX):
         reason = None
         if rec.get("spec_hash") != spec_hash(s):
             reason = "spec changed"
+        elif network and rec.get("network") and rec["network"] != network:
+            reason = "the CNI network configuration changed"
         elif rec.get("netns") != netns_name(s["namespace"], s["name"], netns_prefix):
             reason = "netns name changed"
         elif not _netns_alive(rec["netns"]):
@@ -447,7 +458,7 @@ class Node:
             self.starter.start(unit, netns, server_argv(spec, self.server),
                                description="kldload.netstack workload %s/%s" % (ns, name))
             rec = dict(spec, ip=ip, ips=ips, netns=netns, unit=unit, container_id=cid, spec_hash=spec_hash(spec),
-                       pod_uid=pod_uid(ns, name), created=int(time.time()))
+                       pod_uid=pod_uid(ns, name), network=network_hash(self.conflist), created=int(time.time()))
             _write_record(self.state_dir, rec)
             return rec
         except Exception as e:

@@ -153,6 +153,8 @@ plan:
     - {namespace: shop, name: web-2, action: keep, reason: unchanged}
 """
 
+import os
+
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.kldload.netstack.plugins.module_utils import cni, units, workloads
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool, ToolError
@@ -205,13 +207,17 @@ def main():
         module.fail_json(msg="the workloads module needs systemd on the node (no /run/systemd/system): "
                              "workload processes run as transient systemd units")
     starter = workloads.SystemdStarter(run)
-    steps = workloads.plan(specs, records, starter, prune=p["prune"])
-    conflist = None
-    if not module.check_mode and any(s["action"] in ("create", "recreate", "delete") for s in steps):
+    conflist, conflist_error = None, None
+    if os.path.exists(p["conflist"]):
         try:
             conflist = cni.load_conflist(p["conflist"])
         except (cni.CNIError, OSError, ValueError) as e:
-            module.fail_json(msg="conflist %s: %s" % (p["conflist"], e), plan=steps)
+            conflist_error = e
+    steps = workloads.plan(specs, records, starter, prune=p["prune"], network=workloads.network_hash(conflist))
+    if not module.check_mode and any(s["action"] in ("create", "recreate", "delete") for s in steps):
+        if conflist is None:
+            module.fail_json(msg="conflist %s: %s" % (p["conflist"], conflist_error or "does not exist (the dataplane "
+                                                      "role writes it: run it first)"), plan=steps)
         if any(s["action"] in ("create", "recreate") for s in steps) and not module.sha1(p["server"]):
             module.fail_json(msg="server: %s does not exist on the node (the role copies it)" % p["server"], plan=steps)
     node = workloads.Node(cni, conflist, run_ip, starter, p["state_dir"], p["server"], cni_path=p["cni_path"])

@@ -53,6 +53,7 @@ class Lab:
             return hosts
 
         walk("all", data["all"])
+        self.vars = data["all"].get("vars") or {}       # the cluster-wide variables
         self.key = data["all"]["vars"]["ansible_ssh_private_key_file"]
 
     def hosts(self, group="kube_nodes"):

@@ -120,8 +120,9 @@ def test_node_dataplane_four_times_traffic_bad_input_and_removal(lab, node):
     ips = _ips(lab)
     cg2 = cg + "-nd"
     lab.sh(host, "mkdir -p %s" % cg2)
-    routes = json.loads(lab.sh(host, "cat /etc/kldload-netstack/dataplane.json").stdout)["routes"]
-    assert routes, "install.yml made no direct routes"
+    # a route of its own (the pod routes belong to the node's own configuration, its pods section)
+    other = [h for h in lab.hosts() if h != host][0]
+    routes = [{"dst": "10.99.0.0/24", "via": lab.hostvars[other]["netstack_underlay_ip"]}]
     args = {"pin_path": "/sys/fs/bpf/kldload-netstack-nd", "objects": [{"name": "sock_lb", "cgroup": cg2, "families": [4]}],
             "maps": {"kln_lb4_svc": 64}, "services": _services(ips), "state_file": ND + "/services.json",
             "config_path": ND + "/dataplane.json", "routes": routes, "restore_unit": False}   # the node's own stays
@@ -130,7 +131,9 @@ def test_node_dataplane_four_times_traffic_bad_input_and_removal(lab, node):
         first, applied, again, recheck = lab.four_times(host, "kldload.netstack.node_dataplane", args)
         assert "sock_lb: load programs into /sys/fs/bpf/kldload-netstack-nd/sock_lb/progs_" in " ".join(first["actions"])
         assert [s["service"] for s in first["added"]] == ["%s:53/UDP" % VIP, "%s:80/TCP" % VIP, "10.96.254.2:80/TCP"]
-        assert first["routes"] == [] and first["unit"] == [] and '"kln_lb4_svc": 64' in first["diff"]["after"]
+        assert [r for r in first["routes"] if "10.99.0.0/24" in r] and first["unit"] == []
+        assert '"kln_lb4_svc": 64' in first["diff"]["after"]
+        assert "10.99.0.0/24 via %s" % routes[0]["via"] in lab.sh(host, "ip route show proto 220").stdout
         assert sorted(a["program"] for a in applied["objects"]["sock_lb"]["attachments"]) == [
             "kln_connect4", "kln_getpeer4", "kln_recvmsg4", "kln_sendmsg4"]
         assert json.loads(lab.sh(host, "cat %s/dataplane.json" % ND).stdout) == applied["config"]

@@ -61,6 +61,9 @@ def run_in(node, op, cfg, check=False):
     return json.loads(p.stdout)
 
 
+OUTSIDE = "192.168.77.99"     # on node b's underlay, not a node address: outside the cluster
+
+
 @pytest.fixture
 def cluster():
     tmp = tempfile.mkdtemp(prefix="nsu-pn-")
@@ -235,8 +238,11 @@ def check_pods_talk(cl, ips, tunnel):
         assert c2["fragments"] == c1["fragments"] and c2["vxlan"] - c1["vxlan"] > 8000
     else:
         assert c2["fragments"] - c1["fragments"] == 6                    # 8008 bytes in 1428-byte pieces
-    # leaving the cluster (the other node's underlay address): masqueraded to the node's underlay address
-    assert transfer(b["ns"], a["pod"], b["ip"], "tcp", 1000, port=18502) == (1000, a["ip"])
+    # to another node: the pod's own address (nodes are in the cluster, not masqueraded)
+    assert transfer(b["ns"], a["pod"], b["ip"], "tcp", 1000, port=18502) == (1000, ips["a"])
+    # leaving the cluster (an address on the underlay that is no node's): masqueraded to the node's address
+    nsexec(b["ns"], "ip", "addr", "replace", OUTSIDE + "/24", "dev", b["dev"])
+    assert transfer(b["ns"], a["pod"], OUTSIDE, "tcp", 1000, port=18503) == (1000, a["ip"])
 
 
 def test_pods_across_nodes_in_tunnel_then_native_mode(cluster):
@@ -363,4 +369,4 @@ def test_vxlan_mac_and_mtu_are_derived():
     assert podnet.pod_mtu(p, 1500) == 1450 and podnet.pod_mtu(dict(p, routing_mode="native"), 9000) == 9000
     assert podnet.pod_mtu(dict(p, mtu=1400), 1500) == 1400
     assert podnet.cluster_cidrs(dict(p, nodes=[{"name": "b", "underlay_ip": "192.168.1.2", "pod_cidr": "10.244.0.0/24"}])) \
-        == ["10.96.0.0/12", "10.244.0.0/23"]
+        == ["10.96.0.0/12", "10.244.0.0/23", "192.168.1.1/32", "192.168.1.2/32"]

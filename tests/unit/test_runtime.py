@@ -245,8 +245,8 @@ def test_pod_routes_and_conflist():
                                            "routes": [{"dst": "0.0.0.0/0"}], "dataDir": "/var/lib/cni/networks"}}
     assert conf["plugins"][1] == {"type": "netstack-cni", "capabilities": {"io.kubernetes.cri.pod-annotations": True}}
     text = podnet.nft_text(p)
-    assert ('ip saddr 10.244.1.0/24 ip daddr != { 10.96.0.0/12, 10.244.1.0/24, 10.244.2.0/23 } oifname "eth0" masquerade'
-            in text)
+    assert ('ip saddr 10.244.1.0/24 ip daddr != { 10.96.0.0/12, 10.244.1.0/24, 10.244.2.0/23, 192.168.1.11/32, '
+            '192.168.1.12/31 } oifname "eth0" masquerade' in text)
 
 
 _N2 = {"name": "node2", "underlay_ip": "192.168.1.12", "pod_cidr": "10.244.2.0/24"}

@@ -109,7 +109,9 @@ def cmd_probe(args):
                 data, src = s.recvfrom(256)
                 res["peers"].add(_fmt(src))
             s.close()
-            _name, backend, client = data.decode().split()
+            # verify_probe echo: "<host> <backend> <client>"; a workload's server: "<pod> <proto> <port> <backend> <client> ..."
+            fields = data.decode(errors="replace").split("\n")[0].split()
+            backend, client = (fields[3], fields[4]) if len(fields) >= 5 else (fields[1], fields[2])
             res["backends"][backend] = res["backends"].get(backend, 0) + 1
             res["clients"].add(client.rsplit(":", 1)[0])
             if sport:

@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 # Copyright: kldload.netstack contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """workload-server - the process of a lab workload (pod), run in the pod's network namespace by the
@@ -8,8 +7,9 @@ kldload.netstack.workloads module. Python 3 standard library only.
 
 - TCP: on connect sends one line ``<ns>/<name> tcp <port> <local address> <peer address>\\n``, then
   echoes every byte it receives until the peer closes (long transfers work: it is a plain echo).
-- UDP: answers each datagram with one datagram ``<ns>/<name> udp <port> <received length>
-  <peer address>\\n`` followed by the received bytes (an echo with a header naming the pod).
+- UDP: answers each datagram with one datagram ``<ns>/<name> udp <port> <local address> <peer address>
+  <received length>\\n`` followed by the received bytes (an echo with a header naming the pod).
+  Both headers put the addresses in fields 4 and 5, as verify_probe.py reads them.
 - Listens on IPv4 (0.0.0.0) and, when the namespace has IPv6, on IPv6 (::, IPV6_V6ONLY) too.
 - Tells systemd it is ready (sd_notify READY=1 over NOTIFY_SOCKET) once every socket is bound, so a
   ``Type=notify`` unit is started only when the ports answer.
@@ -94,13 +94,26 @@ def serve(pod, tcp_ports, udp_ports):
                     data, peer = sock.recvfrom(65535)
                 except OSError:
                     continue
-                head = ("%s udp %d %d %s\n" % (pod, port, len(data), _addr(peer))).encode()
+                local = _addr((_source_for(sock, peer), port))
+                head = ("%s udp %d %s %s %d\n" % (pod, port, local, _addr(peer), len(data))).encode()
                 try:
                     sock.sendto((head + data)[:65507], peer)
                 except OSError:
                     pass
             else:
                 _conn_event(sel, sock, events, pending)
+
+
+def _source_for(sock, peer):
+    """The address this namespace answers ``peer`` from (the socket is bound to the wildcard)."""
+    probe = socket.socket(sock.family, socket.SOCK_DGRAM)
+    try:
+        probe.connect(peer[:2])
+        return probe.getsockname()[0]
+    except OSError:
+        return sock.getsockname()[0]
+    finally:
+        probe.close()
 
 
 _HIGH_WATER = 1 << 20      # stop reading a connection while this much echo is waiting to be sent

@@ -1,0 +1,173 @@
+# Copyright: kldload.netstack contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Pod network benchmark on the lab: across two nodes, TCP throughput (iperf3) and the new-connection
+rate, pod-to-pod in tunnel (VXLAN) and native routing mode against node-to-node on the same underlay
+(the limit), and pod-to-service through the socket LB against pod-to-pod. One run, figures side by side.
+
+  benchmarks/pod_network/run [--quick] [--seconds N] [--connections N] [--inventory PATH] [--json]
+
+Needs the lab up with install.yml applied (make lab-up install). It switches the routing mode with
+install.yml (-e netstack_routing_mode=...) and leaves the lab in tunnel mode (the default).
+"""
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+PROBE = os.path.join(REPO, "roles", "dataplane", "files", "verify_probe.py")
+REMOTE_PROBE = "/run/netstack-bench/verify_probe.py"
+SERVER_PORT = 18090
+SERVICE_VIP = "10.96.0.20"      # the lab's selector service (demo/web) on port 80 -> the pods' 8080
+
+
+class Lab:
+    def __init__(self, inventory):
+        env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"))
+        out = subprocess.run([os.path.join(REPO, ".venv", "bin", "ansible-inventory"), "-i", inventory, "--list"],
+                             capture_output=True, text=True, check=True, env=env).stdout
+        inv = json.loads(out)
+        self.inventory = inventory
+        self.hostvars = inv["_meta"]["hostvars"]
+        self.nodes = [h for g in ("kube_control_plane", "kube_workers") for h in inv.get(g, {}).get("hosts", [])]
+        self.key = self.hostvars[self.nodes[0]]["ansible_ssh_private_key_file"]
+
+    def sh(self, host, cmd, check=True, timeout=300):
+        argv = ["ssh", "-i", self.key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "root@%s" % self.hostvars[host]["ansible_host"], cmd]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            raise SystemExit("%s: %s failed: %s %s" % (host, cmd, proc.stdout[-500:], proc.stderr[-500:]))
+        return proc.stdout
+
+    def playbook(self, *args):
+        env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"))
+        argv = [os.path.join(REPO, ".venv", "bin", "ansible-playbook"), "-i", self.inventory,
+                os.path.join(REPO, "playbooks", "install.yml")] + list(args)
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+        if proc.returncode:
+            raise SystemExit("install.yml %s failed:\n%s" % (" ".join(args), proc.stdout[-3000:]))
+
+    def pods(self, host):
+        return json.loads(self.sh(host, "netstack endpoint list --json"))
+
+
+def _wrap(netns, cmd):
+    return "nsenter --net=%s %s" % (shlex.quote(netns), cmd) if netns else cmd
+
+
+def _cpu_pct():
+    """(busy, total) jiffies of the whole machine: the lab nodes share its kernel and CPUs."""
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    idle = vals[3] + vals[4]
+    return sum(vals) - idle, sum(vals)
+
+
+def iperf(lab, server, client, target, seconds):
+    """TCP throughput (Gbit/s) and the machine's CPU use (%) while it ran."""
+    lab.sh(server[0], _wrap(server[1], "iperf3 -s -1 -D -p 5201"))
+    time.sleep(0.3)
+    b0, t0 = _cpu_pct()
+    out = lab.sh(client[0], _wrap(client[1], "iperf3 -c %s -p 5201 -t %d -J" % (target, seconds)), timeout=seconds + 60)
+    b1, t1 = _cpu_pct()
+    res = json.loads(out)
+    return res["end"]["sum_received"]["bits_per_second"] / 1e9, 100.0 * (b1 - b0) / max(1, t1 - t0)
+
+
+def conn_rate(lab, server, client, target, port, count, start_server=True):
+    """New TCP connections per second (connect, one request/reply, close), one client."""
+    for host in sorted({server[0], client[0]}):
+        lab.sh(host, "install -D -m 0755 /dev/stdin %s <<'EOF'\n%s\nEOF" % (REMOTE_PROBE, open(PROBE).read()))
+    pid = None
+    if start_server:
+        pid = lab.sh(server[0], _wrap(server[1], "sh -c 'python3 %s echo --tcp %d --seconds 300 >/dev/null 2>&1 & echo $!'"
+                                      % (REMOTE_PROBE, port))).strip()
+        time.sleep(0.5)
+    try:
+        out = lab.sh(client[0], _wrap(client[1], "python3 %s probe --vip %s --port %d --count %d --timeout 3"
+                                      % (REMOTE_PROBE, target, port, count)))
+        res = json.loads(out)
+        ok = count - sum(res["errors"].values())
+        return ok / res["seconds"], res["errors"]
+    finally:
+        if pid:
+            lab.sh(server[0], "kill %s" % pid, check=False)
+
+
+def measure(lab, mode, args, rows):
+    a, b = lab.nodes[0], lab.nodes[1]
+    pa = [p for p in lab.pods(a) if p["namespace"] == "demo"][0]
+    pb = [p for p in lab.pods(b) if p["namespace"] == "demo"][0]
+    ip_b = pb["ips"][0].split("/")[0]
+    under_b = lab.hostvars[b]["netstack_underlay_ip"]
+    reps = 1 if args.quick else 3
+    # (name, server (host, netns), client, target, port, start a test server, iperf3 too)
+    # Connection rates: a test server (verify_probe echo) on the node; the pod's own workload server
+    # (the same single-threaded kind) for pod-to-pod and, through the selector service demo/web, for
+    # pod-to-service - whose backends are the web pods of every node, the client's own node included.
+    cases = [("node-to-node (underlay)", (b, None), (a, None), under_b, SERVER_PORT, True, True),
+             ("pod-to-pod %s" % mode, (b, pb["netns"]), (a, pa["netns"]), ip_b, 8080, False, True),
+             ("pod-to-service %s" % mode, (b, pb["netns"]), (a, pa["netns"]), SERVICE_VIP, 80, False, False)]
+    for name, server, client, target, port, start, with_iperf in cases:
+        if mode == "native" and name.startswith("node-to-node"):
+            continue
+        gbit, cpu = ([], [])
+        if with_iperf:
+            for _rep in range(reps):
+                g, c = iperf(lab, server, client, target, args.seconds)
+                gbit.append(g)
+                cpu.append(c)
+        rates = []
+        for _rep in range(reps):
+            r, errors = conn_rate(lab, server, client, target, port, args.connections, start_server=start)
+            if errors:
+                print("  %s: connection errors %s" % (name, errors), file=sys.stderr)
+            rates.append(r)
+        rows[name] = {"gbit": statistics.median(gbit) if gbit else None, "cpu": statistics.median(cpu) if cpu else None,
+                      "conn_per_s": statistics.median(rates)}
+        tput = "%6.2f Gbit/s (machine CPU %4.1f %%)" % (rows[name]["gbit"], rows[name]["cpu"]) if gbit else " " * 33
+        print("[%s] %-26s %s  %8.0f conn/s" % (time.strftime("%T"), name, tput, rows[name]["conn_per_s"]), flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one short repetition (a smoke run)")
+    ap.add_argument("--seconds", type=int, default=0, help="iperf3 duration (default 10, quick 2)")
+    ap.add_argument("--connections", type=int, default=0, help="connections per rate run (default 3000, quick 200)")
+    ap.add_argument("--inventory", default="/var/lib/kldload-netstack/lab/inventory.yml")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    args.seconds = args.seconds or (2 if args.quick else 10)
+    args.connections = args.connections or (200 if args.quick else 3000)
+    lab = Lab(args.inventory)
+    if len(lab.nodes) < 2:
+        raise SystemExit("needs two kube nodes")
+    rows = {}
+    try:
+        for mode in ("native", "tunnel"):
+            lab.playbook("-e", "netstack_routing_mode=%s" % mode)
+            measure(lab, mode, args, rows)
+    finally:
+        lab.playbook()      # back to the inventory's mode
+    base = rows["node-to-node (underlay)"]
+    print("\n%-28s %12s %8s %12s %8s" % ("", "Gbit/s", "ratio", "conn/s", "ratio"))
+    for name, r in rows.items():
+        g = "%12.2f %7.3fx" % (r["gbit"], r["gbit"] / base["gbit"]) if r["gbit"] else " " * 21
+        ref = rows[name.replace("service", "pod")] if "service" in name else base
+        note = "  (against pod-to-pod)" if "service" in name else ""
+        print("%-28s %s %12.0f %7.3fx%s" % (name, g, r["conn_per_s"], r["conn_per_s"] / ref["conn_per_s"], note))
+    if args.json:
+        print(json.dumps(rows, indent=1, sort_keys=True))
+    bad = [n for n, r in rows.items() if not r["conn_per_s"] or (r["gbit"] is not None and r["gbit"] <= 0)]
+    if bad:
+        raise SystemExit("no traffic in: %s" % ", ".join(bad))
+
+
+if __name__ == "__main__":
+    main()
