@@ -227,17 +227,26 @@ def cache_path(cache_dir, network, container_id, ifname):
     return os.path.join(cache_dir, "%s-%s-%s" % (network, container_id, ifname))
 
 
-def _read_cache(path):
+def _read_json(path):
+    """The JSON object in ``path``; None when the file does not exist or holds no object. OSError
+    and ValueError (not JSON) go to the caller."""
     try:
         with open(path) as f:
             doc = json.load(f)
     except (IOError, OSError) as e:
         if e.errno == errno.ENOENT:
             return None
+        raise
+    return doc if isinstance(doc, dict) else None
+
+
+def _read_cache(path):
+    try:
+        return _read_json(path)
+    except (IOError, OSError) as e:
         raise CNIError(E_IO, "cannot read the cached result %s" % path, str(e))
     except ValueError:
         return None
-    return doc if isinstance(doc, dict) else None
 
 
 def _write_atomic(path, doc, mode=0o644):
@@ -498,7 +507,7 @@ def _check(conf, env, directory):
         raise CNIError(E_INVALID_CONFIG, "CHECK: prevResult is required")
     cid, ifname = env["CNI_CONTAINERID"], env["CNI_IFNAME"]
     path = record_path(directory, cid, ifname)
-    rec = _read_record(path)
+    rec = _read_json(path)
     if rec is None:
         raise CNIError(E_ENDPOINT_MISMATCH, "no endpoint record for %s/%s" % (cid, ifname), path)
     ips, host_if, _host_mac, _mac = _from_prev_result(prev, ifname, env.get("CNI_NETNS"))
@@ -510,17 +519,6 @@ def _check(conf, env, directory):
                        % (cid, ifname, rec.get("host_interface"), host_if))
     if host_if and not os.path.exists(os.path.join("/sys/class/net", host_if)):
         raise CNIError(E_ENDPOINT_MISMATCH, "endpoint %s/%s: host interface %s does not exist" % (cid, ifname, host_if))
-
-
-def _read_record(path):
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (IOError, OSError) as e:
-        if e.errno == errno.ENOENT:
-            return None
-        raise
-    return doc if isinstance(doc, dict) else None
 
 
 def _need_env(env, names):
@@ -717,7 +715,7 @@ def plugin_main(environ, stdin, stdout):
                    "host_interface": host_if, "host_mac": host_mac, "mac": mac, "state": "ready",
                    "created": int(time.time())}
             try:
-                old = _read_record(record_path(directory, rec["container_id"], rec["ifname"]))
+                old = _read_json(record_path(directory, rec["container_id"], rec["ifname"]))
             except (IOError, OSError, ValueError):
                 old = None
             if old:
@@ -736,7 +734,7 @@ def plugin_main(environ, stdin, stdout):
             _need_env(environ, ("CNI_CONTAINERID", "CNI_IFNAME"))
             path = record_path(directory, environ["CNI_CONTAINERID"], environ["CNI_IFNAME"])
             try:
-                old = _read_record(path)
+                old = _read_json(path)
             except (IOError, OSError, ValueError):
                 old = None
             try:
@@ -786,7 +784,7 @@ def list_endpoints(directory=None):
             continue
         path = os.path.join(directory, f)
         try:
-            rec = _read_record(path)
+            rec = _read_json(path)
         except (IOError, OSError, ValueError):
             rec = None
         if not rec or not rec.get("container_id"):

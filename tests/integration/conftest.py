@@ -36,6 +36,17 @@ def run_playbook(playbook, *args, check=True, inventory=INVENTORY):
     return proc
 
 
+def changed_tasks(proc):
+    """The tasks of a playbook run that reported a change, with the output lines that say so (for failure messages)."""
+    found, task = [], ""
+    for line in proc.stdout.splitlines():
+        if line.startswith("TASK ["):
+            task = line.rstrip("* ")
+        elif line.startswith("changed:"):
+            found.append("%s\n  %s" % (task, line[:300]))
+    return "\n".join(found) or proc.stdout[-3000:]
+
+
 class Lab:
     def __init__(self, inventory):
         self.inventory = inventory

@@ -1,23 +1,12 @@
 """install / verify / uninstall playbooks on the lab, as a user runs them."""
 import re
 
-from conftest import run_playbook
+from conftest import changed_tasks, run_playbook
 
 
 def _recap(proc):
     return {h: dict(ok=int(o), changed=int(c), failed=int(f)) for h, o, c, f in
             re.findall(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=\d+\s+failed=(\d+)", proc.stdout, re.M)}
-
-
-def _changed_tasks(proc):
-    """The tasks that reported a change, with the output lines that say so (for failure messages)."""
-    found, task = [], ""
-    for line in proc.stdout.splitlines():
-        if line.startswith("TASK ["):
-            task = line.rstrip("* ")
-        elif line.startswith("changed:"):
-            found.append("%s\n  %s" % (task, line[:300]))
-    return "\n".join(found) or proc.stdout[-3000:]
 
 
 def test_prereqs_names_every_unmet_requirement_and_changes_nothing(lab):
@@ -53,9 +42,9 @@ def test_install_stops_a_host_kube_proxy_and_is_idempotent(lab):
         assert lab.sh(host, "systemctl is-active kube-proxy", check=False).stdout.strip() == "inactive"
         assert lab.sh(host, "systemctl is-enabled kube-proxy", check=False).stdout.strip() == "disabled"
         again = run_playbook("playbooks/install.yml")
-        assert all(r["changed"] == 0 for r in _recap(again).values()), _changed_tasks(again)
+        assert all(r["changed"] == 0 for r in _recap(again).values()), changed_tasks(again)
         check = run_playbook("playbooks/install.yml", "--check", "--diff")
-        assert all(r["changed"] == 0 for r in _recap(check).values()), _changed_tasks(check)
+        assert all(r["changed"] == 0 for r in _recap(check).values()), changed_tasks(check)
         run_playbook("playbooks/verify.yml")
     finally:
         lab.sh(host, "rm -f /etc/systemd/system/kube-proxy.service && systemctl daemon-reload", check=False)
@@ -96,5 +85,5 @@ def test_uninstall_removes_what_install_made_and_check_mode_works_on_fresh_nodes
     run_playbook("playbooks/install.yml", "--limit", host)
     assert lab.sh(host, "test -e /etc/sysctl.d/90-kldload-netstack.conf", check=False).returncode == 0
     installed = run_playbook("playbooks/install.yml", "--limit", host, "--check", "--diff")
-    assert _recap(installed)[host]["changed"] == 0, _changed_tasks(installed)
+    assert _recap(installed)[host]["changed"] == 0, changed_tasks(installed)
     assert "proto 220" in lab.sh(host, "ip route").stdout

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, run_playbook
+from conftest import REPO, changed_tasks, run_playbook
 
 PROBE = (REPO / "roles" / "dataplane" / "files" / "verify_probe.py").read_text()
 PROBE_PATH = "/run/netstack-test/verify_probe.py"
@@ -15,16 +15,6 @@ PROBE_PATH = "/run/netstack-test/verify_probe.py"
 
 def _recap(proc):
     return {h: int(c) for h, c in re.findall(r"^(\S+)\s*:\s*ok=\d+\s+changed=(\d+)", proc.stdout, re.M)}
-
-
-def _changed_tasks(proc):
-    found, task = [], ""
-    for line in proc.stdout.splitlines():
-        if line.startswith("TASK ["):
-            task = line.rstrip("* ")
-        elif line.startswith("changed:"):
-            found.append("%s\n  %s" % (task, line[:300]))
-    return "\n".join(found) or proc.stdout[-3000:]
 
 
 def _endpoints(lab, host):
@@ -164,7 +154,7 @@ def test_pods_reach_pods_nodes_and_services_across_nodes(installed, mode):
         _cross_node_checks(lab)
         _bulk_and_big_datagrams(lab, mode)
         again = run_playbook("playbooks/install.yml", "-e", "netstack_routing_mode=%s" % mode)
-        assert all(c == 0 for c in _recap(again).values()), _changed_tasks(again)
+        assert all(c == 0 for c in _recap(again).values()), changed_tasks(again)
     finally:
         if mode != "tunnel":
             run_playbook("playbooks/install.yml")
@@ -256,7 +246,7 @@ def test_bad_input_is_an_error_and_changes_nothing(installed, spec, message):
 
 def test_verify_checks_workloads_and_is_quiet(installed):
     proc = run_playbook("playbooks/verify.yml")
-    assert all(c == 0 for c in _recap(proc).values()), _changed_tasks(proc)
+    assert all(c == 0 for c in _recap(proc).values()), changed_tasks(proc)
     assert "web-" in proc.stdout
 
 
