@@ -1,4 +1,6 @@
 """Molecule verify (testinfra): what install.yml promises, read off each node."""
+import json
+
 import pytest
 
 testinfra_hosts = ["all"]
@@ -53,6 +55,16 @@ def test_socket_lb_attached_and_services_programmed(host, groups):
     bundle = host.file("/usr/lib/kldload-netstack/netstack.pyz")
     assert bundle.exists and bundle.mode == 0o755
     assert "sock_lb" in host.check_output("netstack version")
+
+
+def test_pod_network_and_a_ready_pod_on_every_node(host, groups):
+    if "kube_nodes" not in groups:
+        pytest.skip("not a kube node")
+    assert "vxlan id 1 " in host.check_output("ip -d link show kln_vxlan")
+    assert host.file("/etc/cni/net.d/05-kldload-netstack.conflist").exists
+    assert host.file("/usr/lib/cni/netstack-cni").is_symlink
+    eps = json.loads(host.check_output("netstack endpoint list --json"))
+    assert [e["state"] for e in eps if e["namespace"] == "demo"] == ["ready"], eps
 
 
 def test_router_runs_frr(host, groups):
