@@ -37,6 +37,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import subprocess
 import socket
 
 from ansible_collections.kldload.netstack.plugins.module_utils import routes, units
@@ -226,26 +227,23 @@ def cluster_cidrs(pods):
     return [str(n) for n in ipaddress.collapse_addresses(nets)]
 
 
-def cni_version(pods, module=None):
+def cni_version(pods):
     """The conflist's cniVersion: 1.1.0 when the node's ptp supports it, else the newest of 1.0.0 and
     0.4.0 it does (Debian 12's containernetworking-plugins 1.1.1 stop at 1.0.0 and refuse a 1.1.0
-    config: "incompatible CNI versions"); 1.1.0 when ptp is not installed (yet) or says nothing."""
+    config: "incompatible CNI versions"); 1.0.0 when ptp gives no answer, 1.1.0 when it is not installed (yet)."""
     for d in (pods["cni"]["bin_dir"], BIN_DIR, "/opt/cni/bin"):
         path = os.path.join(d, "ptp")
         if not os.path.isfile(path):
             continue
-        data = '{"cniVersion": "1.0.0"}'
-        if module is not None:
-            _rc, out, _err = module.run_command([path], data=data, check_rc=False,
-                                                environ_update={"CNI_COMMAND": "VERSION", "LC_ALL": "C"})
-        else:
-            import subprocess
-            out = subprocess.run([path], input=data.encode(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                 env=dict(os.environ, CNI_COMMAND="VERSION", LC_ALL="C"), check=False).stdout.decode()
+        # subprocess, not module.run_command: ptp answers VERSION without reading its stdin, and writing
+        # the config to a process that has already exited raised EPIPE there (rc 32) now and then
         try:
+            out = subprocess.run([path], input=b'{"cniVersion": "1.0.0"}', stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, env=dict(os.environ, CNI_COMMAND="VERSION", LC_ALL="C"),
+                                 check=False, timeout=30).stdout.decode()
             supported = json.loads(out).get("supportedVersions") or []
-        except (ValueError, AttributeError):
-            supported = []
+        except (OSError, ValueError, AttributeError, subprocess.SubprocessError):
+            supported = ["1.0.0"]       # no answer: the version every plugin release since 1.0 reads
         for v in (CNI_VERSION, "1.0.0", "0.4.0"):
             if v in supported:
                 return v
@@ -400,7 +398,7 @@ def _preflight(ipr, pods, module):
     if pods is None:
         return None
     probe = _probe(ipr, pods)
-    probe["cni_version"] = cni_version(pods, module)
+    probe["cni_version"] = cni_version(pods)
     if pods["masquerade"] and not _nft(module).available:
         raise PodError("config.pods.masquerade: nft (nftables) is not installed on this node")
     plugin = _plugin_path(pods)
