@@ -1,13 +1,17 @@
 # Copyright: kldload.netstack contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Pod network benchmark on the lab: across two nodes, TCP throughput (iperf3) and the new-connection
-rate, pod-to-pod in tunnel (VXLAN) and native routing mode against node-to-node on the same underlay
-(the limit), and pod-to-service through the socket LB against pod-to-pod. One run, figures side by side.
+rate, pod-to-pod in tunnel (VXLAN) and native routing mode, each with BPF host routing (the default:
+tc programs forward pod packets) and with legacy host routing (the host's IP stack forwards them),
+against node-to-node on the same underlay (the limit), and pod-to-service through the socket LB
+against pod-to-pod. One run, figures side by side.
 
   benchmarks/pod_network/run [--quick] [--seconds N] [--connections N] [--inventory PATH] [--json]
+                             [--host-routing bpf,legacy]
 
-Needs the lab up with install.yml applied (make lab-up install). It switches the routing mode with
-install.yml (-e netstack_routing_mode=...) and leaves the lab in tunnel mode (the default).
+Needs the lab up with install.yml applied (make lab-up install). It switches the routing mode and
+host routing with install.yml (-e netstack_routing_mode=... -e netstack_host_routing=...) and leaves
+the lab as the inventory says (tunnel, bpf).
 """
 import argparse
 import json
@@ -100,7 +104,7 @@ def conn_rate(lab, server, client, target, port, count, start_server=True):
             lab.sh(server[0], "kill %s" % pid, check=False)
 
 
-def measure(lab, mode, args, rows):
+def measure(lab, mode, args, rows, host_routing="bpf"):
     a, b = lab.nodes[0], lab.nodes[1]
     pa = [p for p in lab.pods(a) if p["namespace"] == "demo"][0]
     pb = [p for p in lab.pods(b) if p["namespace"] == "demo"][0]
@@ -111,9 +115,10 @@ def measure(lab, mode, args, rows):
     # Connection rates: a test server (verify_probe echo) on the node; the pod's own workload server
     # (the same single-threaded kind) for pod-to-pod and, through the selector service demo/web, for
     # pod-to-service - whose backends are the web pods of every node, the client's own node included.
+    tag = "%s %s" % (mode, host_routing)
     cases = [("node-to-node (underlay)", (b, None), (a, None), under_b, SERVER_PORT, True, True),
-             ("pod-to-pod %s" % mode, (b, pb["netns"]), (a, pa["netns"]), ip_b, 8080, False, True),
-             ("pod-to-service %s" % mode, (b, pb["netns"]), (a, pa["netns"]), SERVICE_VIP, 80, False, False)]
+             ("pod-to-pod %s" % tag, (b, pb["netns"]), (a, pa["netns"]), ip_b, 8080, False, True),
+             ("pod-to-service %s" % tag, (b, pb["netns"]), (a, pa["netns"]), SERVICE_VIP, 80, False, False)]
     for name, server, client, target, port, start, with_iperf in cases:
         # node-to-node is measured in both passes (it does not depend on the mode): the limit is the
         # median of all its runs, so a quieter or busier moment of the machine weighs on both sides
@@ -133,7 +138,7 @@ def measure(lab, mode, args, rows):
         rows[name] = {"gbit": statistics.median(gbit) if gbit else None, "cpu": statistics.median(cpu) if cpu else None,
                       "conn_per_s": statistics.median(rates), "gbit_runs": gbit, "cpu_runs": cpu, "conn_runs": rates}
         tput = "%6.2f Gbit/s (machine CPU %4.1f %%)" % (rows[name]["gbit"], rows[name]["cpu"]) if gbit else " " * 33
-        print("[%s] %-26s %s  %8.0f conn/s" % (time.strftime("%T"), name, tput, rows[name]["conn_per_s"]), flush=True)
+        print("[%s] %-30s %s  %8.0f conn/s" % (time.strftime("%T"), name, tput, rows[name]["conn_per_s"]), flush=True)
 
 
 def main(argv=None):
@@ -143,7 +148,11 @@ def main(argv=None):
     ap.add_argument("--connections", type=int, default=0, help="connections per rate run (default 3000, quick 200)")
     ap.add_argument("--inventory", default="/var/lib/kldload-netstack/lab/inventory.yml")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--host-routing", default="bpf,legacy", help="which host routing to measure (bpf, legacy)")
     args = ap.parse_args(argv)
+    kinds = [k for k in args.host_routing.split(",") if k]
+    if not kinds or any(k not in ("bpf", "legacy") for k in kinds):
+        raise SystemExit("--host-routing: a list of bpf and legacy, got %r" % args.host_routing)
     args.seconds = args.seconds or (2 if args.quick else 10)
     args.connections = args.connections or (200 if args.quick else 3000)
     lab = Lab(args.inventory)
@@ -152,17 +161,18 @@ def main(argv=None):
     rows = {}
     try:
         for mode in ("native", "tunnel"):
-            lab.playbook("-e", "netstack_routing_mode=%s" % mode)
-            measure(lab, mode, args, rows)
+            for kind in kinds:
+                lab.playbook("-e", "netstack_routing_mode=%s" % mode, "-e", "netstack_host_routing=%s" % kind)
+                measure(lab, mode, args, rows, kind)
     finally:
         lab.playbook()      # back to the inventory's mode
     base = rows["node-to-node (underlay)"]
-    print("\n%-28s %12s %8s %8s %12s %8s" % ("", "Gbit/s", "ratio", "CPU %", "conn/s", "ratio"))
+    print("\n%-32s %12s %8s %8s %12s %8s" % ("", "Gbit/s", "ratio", "CPU %", "conn/s", "ratio"))
     for name, r in rows.items():
         g = "%12.2f %7.3fx %8.1f" % (r["gbit"], r["gbit"] / base["gbit"], r["cpu"]) if r["gbit"] else " " * 30
         ref = rows[name.replace("service", "pod")] if "service" in name else base
         note = "  (against pod-to-pod)" if "service" in name else ""
-        print("%-28s %s %12.0f %7.3fx%s" % (name, g, r["conn_per_s"], r["conn_per_s"] / ref["conn_per_s"], note))
+        print("%-32s %s %12.0f %7.3fx%s" % (name, g, r["conn_per_s"], r["conn_per_s"] / ref["conn_per_s"], note))
     if args.json:
         print(json.dumps(rows, indent=1, sort_keys=True))
     bad = [n for n, r in rows.items() if not r["conn_per_s"] or (r["gbit"] is not None and r["gbit"] <= 0)]

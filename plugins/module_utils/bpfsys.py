@@ -36,6 +36,7 @@ OBJ_PIN = 6
 OBJ_GET = 7
 PROG_ATTACH = 8
 PROG_DETACH = 9
+PROG_TEST_RUN = 10
 PROG_GET_FD_BY_ID = 13
 MAP_GET_FD_BY_ID = 14
 OBJ_GET_INFO_BY_FD = 15
@@ -402,6 +403,18 @@ def _map_dump_iter(fd, key_size, value_size):
 
 
 # ---- programs and links -----------------------------------------------------------------------
+
+def prog_test_run(prog_fd, data, data_out_size=None, repeat=1):
+    """BPF_PROG_TEST_RUN of a packet: (return value, packet afterwards)."""
+    din = ctypes.create_string_buffer(data, len(data))
+    size = data_out_size or len(data) + 256
+    dout = ctypes.create_string_buffer(size)
+    attr = _attr((0, "I", prog_fd), (8, "I", len(data)), (12, "I", size), (16, "Q", _addr(din)),
+                 (24, "Q", _addr(dout)), (32, "I", repeat))
+    sys_bpf(PROG_TEST_RUN, attr, "test run")
+    retval, out_size = struct.unpack_from("=II", attr, 4)
+    return retval, dout.raw[:out_size]
+
 
 def link_create(prog_fd, target, attach_type, flags=0):
     """BPF_LINK_CREATE. ``target``: a cgroup directory fd or an ifindex (XDP, tcx)."""

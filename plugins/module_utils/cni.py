@@ -20,7 +20,10 @@ The plugin side, ``netstack-cni`` (``plugin_main``, reached through the node com
 run under that name): a chained plugin that passes the result before it through unchanged and
 records the endpoint - ``<endpoints dir>/<container id>-<ifname>.json`` = {container_id, ifname,
 netns, network, namespace, name, labels, ports, ips, host_interface, host_mac, mac, state, created}.
-``list_endpoints`` and ``format_endpoints`` read them back (``netstack endpoint list``).
+``list_endpoints`` and ``format_endpoints`` read them back (``netstack endpoint list``). ADD also
+attaches the endpoint programs of the node's objects (``attach_endpoint``) and, with BPF host routing,
+puts the pod in ``kln_endpoints4`` (hostroute.py); DEL and GC undo both. ``reconcile_endpoints`` holds
+existing pods to the objects loaded now (what a dataplane apply runs).
 """
 
 from __future__ import absolute_import, division, print_function
@@ -38,7 +41,7 @@ import tempfile
 import time
 import zipfile
 
-from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys, loader, manifest as _manifest
+from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys, hostroute, loader, manifest as _manifest
 from ansible_collections.kldload.netstack.plugins.module_utils import labels as _labels
 
 NETWORK = "kldload-netstack"
@@ -552,7 +555,21 @@ def _status(environ, directory):
             raise CNIError(E_NOT_AVAILABLE, "the dataplane configuration %s is not readable" % cfg, str(e))
 
 
-def _gc(conf, directory):
+def _host_routing(dp, rec, add):
+    """The pod's entries in BPF host routing's endpoint map (hostroute.py), when the node has it."""
+    if not dp or not isinstance(dp.get("pin_path"), str):
+        return
+    gdir = os.path.join(dp["pin_path"], loader.GLOBALS)
+    try:
+        if add:
+            hostroute.add_endpoint(gdir, rec)
+        else:
+            hostroute.remove_endpoint(gdir, rec)
+    except (OSError, hostroute.HostRouteError) as e:
+        raise CNIError(E_IO, "cannot %s the endpoint in %s" % ("add" if add else "remove", hostroute.ENDPOINTS), str(e))
+
+
+def _gc(conf, directory, dp):
     valid = conf.get(VALID_ATTACHMENTS)
     if valid is None:
         valid = []
@@ -569,6 +586,7 @@ def _gc(conf, directory):
         if rec.get("network", conf.get("name")) != conf.get("name"):
             continue
         if (rec.get("container_id"), rec.get("ifname")) not in keep:
+            _host_routing(dp, rec, add=False)
             detach_endpoint(rec.get("programs"))
             _unlink(record_path(directory, rec["container_id"], rec["ifname"]))
 
@@ -663,6 +681,78 @@ def attach_endpoint(cfg, container_id, ifname, host_interface):
     return done
 
 
+def _link_current(pin, prog_pin, ifindex):
+    """Whether the link pinned at ``pin`` runs the program pinned at ``prog_pin`` on ``ifindex``."""
+    if not os.path.exists(pin):
+        return False
+    kind, info = bpfsys.pinned_info(pin)
+    if kind != "link" or info.get("ifindex") != ifindex:
+        return False
+    kind, prog = bpfsys.pinned_info(prog_pin)
+    return kind == "prog" and prog["id"] == info["prog_id"]
+
+
+def reconcile_endpoints(cfg, directory=None, check=False):
+    """Every ready endpoint whose host interface exists gets the endpoint programs the node's objects
+    declare now (``endpoint_programs``): a missing link is made, a link to an older program is moved to the
+    current one (BPF_LINK_UPDATE: no moment without a program), a link of a program no longer declared
+    goes; the record says what is attached. What a dataplane apply does after loading the objects, so pods
+    made before an object was loaded or upgraded run what the node runs now. The changes as text; CNIError
+    when an object with endpoint programs is not loaded (in check mode: every endpoint would be attached)."""
+    recs = [r for r in list_endpoints(directory) if r.get("state") == "ready"]
+    try:
+        progs = endpoint_programs(cfg)
+    except CNIError:
+        if check:
+            return ["attach the endpoint programs to %s" % _ep_name(r) for r in recs]
+        raise
+    directory = directory or endpoints_dir()
+    changes = []
+    for rec in recs:
+        try:
+            ifindex = socket.if_nametoindex(rec.get("host_interface") or "")
+        except (OSError, ValueError):
+            continue
+        cid, ifn = rec["container_id"], rec["ifname"]
+        have = [d for d in rec.get("programs") or [] if isinstance(d, dict)]
+        out, mine = [], []
+        for p in progs:
+            pin = _link_pin(cfg["pin_path"], p["object"], cid, ifn, p["program"])
+            mine.append(pin)
+            out.append({"object": p["object"], "program": p["program"], "attach": p["attach"], "pin": pin})
+            if _link_current(pin, p["prog_pin"], ifindex):
+                continue
+            changes.append("endpoint %s: attach %s/%s (%s)" % (_ep_name(rec), p["object"], p["program"], p["attach"]))
+            if check:
+                continue
+            if not os.path.isdir(os.path.dirname(pin)):
+                os.mkdir(os.path.dirname(pin), 0o700)
+            kind = bpfsys.pinned_info(pin)[0] if os.path.exists(pin) else None
+            with bpfsys.obj_get(p["prog_pin"]) as pfd:
+                if kind == "link" and bpfsys.pinned_info(pin)[1].get("ifindex") == ifindex:
+                    with bpfsys.obj_get(pin) as lfd:
+                        bpfsys.link_update(lfd, pfd)
+                else:
+                    if os.path.lexists(pin):
+                        loader.unpin_link(pin)
+                    with bpfsys.link_create(pfd, ifindex, p["attach"]) as lfd:
+                        bpfsys.obj_pin(lfd, pin)
+        for d in have:
+            if d.get("pin") not in mine:
+                if isinstance(d.get("pin"), str) and os.path.lexists(d["pin"]):
+                    changes.append("endpoint %s: detach %s/%s" % (_ep_name(rec), d.get("object"), d.get("program")))
+                    if not check:
+                        loader.unpin_link(d["pin"])
+        if [d.get("pin") for d in have] != mine and not check:
+            rec["programs"] = out
+            _write_atomic(record_path(directory, cid, ifn), rec)
+    return changes
+
+
+def _ep_name(rec):
+    return "%s/%s" % (rec.get("namespace") or "-", rec.get("name") or rec.get("container_id", "")[:12])
+
+
 def detach_endpoint(programs):
     """Detach and unpin the links an endpoint record lists (missing ones are fine)."""
     for d in programs or []:
@@ -720,12 +810,19 @@ def plugin_main(environ, stdin, stdout):
                 old = None
             if old:
                 detach_endpoint(old.get("programs"))
-            rec["programs"] = attach_endpoint(_dataplane(environ), rec["container_id"], rec["ifname"], host_if)
+            dp = _dataplane(environ)
+            rec["programs"] = attach_endpoint(dp, rec["container_id"], rec["ifname"], host_if)
             try:
                 _write_atomic(record_path(directory, rec["container_id"], rec["ifname"]), rec)
             except (IOError, OSError) as e:
                 detach_endpoint(rec["programs"])
                 raise CNIError(E_IO, "cannot write the endpoint record in %s" % directory, str(e))
+            try:
+                _host_routing(dp, rec, add=True)
+            except CNIError:
+                detach_endpoint(rec["programs"])
+                _unlink(record_path(directory, rec["container_id"], rec["ifname"]))
+                raise
             result = dict(prev)
             result["cniVersion"] = version
             stdout.write(json.dumps(result) + "\n")
@@ -738,6 +835,8 @@ def plugin_main(environ, stdin, stdout):
             except (IOError, OSError, ValueError):
                 old = None
             try:
+                if old:
+                    _host_routing(_dataplane(environ), old, add=False)
                 detach_endpoint((old or {}).get("programs"))
                 _unlink(path)
             except OSError as e:
@@ -748,7 +847,7 @@ def plugin_main(environ, stdin, stdout):
             _check(conf, environ, directory)
             return 0
         if command == "GC":
-            _gc(conf, directory)
+            _gc(conf, directory, _dataplane(environ))
             return 0
         if command == "STATUS":
             _status(environ, directory)

@@ -53,7 +53,7 @@ import shutil
 import tempfile
 import zipfile
 
-from ansible_collections.kldload.netstack.plugins.module_utils import lb, loader, podnet, routes, units
+from ansible_collections.kldload.netstack.plugins.module_utils import cni, hostroute, lb, loader, podnet, routes, units
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool
 
 CONFIG_PATH = "/etc/kldload-netstack/dataplane.json"
@@ -154,7 +154,29 @@ def validate(cfg):
         podnet.check_routes(out["pods"], out["routes"])
     except podnet.PodError as e:
         raise ConfigError(str(e))
+    _check_host_routing(out)
     return out
+
+
+def _check_host_routing(cfg):
+    """BPF host routing is the objects host and lxc together, on a node with a pod network, the host
+    programs on its underlay device."""
+    names = [o["name"] for o in cfg["objects"]]
+    have = [n for n in hostroute.OBJECTS if n in names]
+    if not have:
+        return
+    i = names.index(have[0])
+    if len(have) != len(hostroute.OBJECTS):
+        raise ConfigError("config.objects[%d].name: BPF host routing needs both objects %s (%s is missing)"
+                          % (i, " and ".join(hostroute.OBJECTS), [n for n in hostroute.OBJECTS if n not in have][0]))
+    if cfg["pods"] is None:
+        raise ConfigError("config.objects[%d].name: %s is BPF host routing, which needs config.pods (a pod network)"
+                          % (i, have[0]))
+    host = cfg["objects"][names.index("host")]
+    if cfg["pods"]["underlay_interface"] not in host["targets"]["devices"]:
+        raise ConfigError("config.objects[%d].targets.devices: the host object must attach to the underlay device "
+                          "%s (config.pods.underlay_interface), got %s"
+                          % (names.index("host"), cfg["pods"]["underlay_interface"], host["targets"]["devices"]))
 
 
 def read_config(path=CONFIG_PATH):
@@ -287,13 +309,38 @@ def apply(cfg, services=None, check=False, config_path=None, module=None, restor
     res["lb"] = _lb(cfg, table, check, module, res)
     res["pods"] = apply_network(cfg, check=check, module=module)
     res["routes"] = res["pods"]["routes"]
+    res["endpoints"] = _endpoint_programs(cfg, check)
+    res["host_routing"] = _host_routing(cfg, check)
     if res["config"]["changed"] and not check:
         units.write(config_path, text)
     res["unit"] = units.ensure_unit(RESTORE_UNIT, restore_unit_text(cfg, config_path), "multi-user.target", check=check,
                                     module=module) if restore_unit else []
     res["changed"] = bool(res["config"]["changed"] or res["dataplane"]["changed"] or res["lb"]["changed"]
-                          or res["routes"] or res["pods"]["changed"] or res["unit"])
+                          or res["routes"] or res["pods"]["changed"] or res["endpoints"] or res["host_routing"]
+                          or res["unit"])
     return res
+
+
+def _endpoint_programs(cfg, check):
+    """The pods of this node (the CNI plugin's endpoint records) attached to the endpoint programs of the
+    objects loaded now (cni.reconcile_endpoints): the changes as text."""
+    if cfg["pods"] is None:
+        return []
+    try:
+        return cni.reconcile_endpoints(cfg, check=check)
+    except (cni.CNIError, OSError) as e:
+        raise ConfigError("config.objects: cannot attach the endpoint programs to the pods: %s" % (e,))
+
+
+def _host_routing(cfg, check):
+    """BPF host routing's maps (hostroute.py) made to match the pod network and the endpoint records:
+    the changes as text ([] when the node has no BPF host routing)."""
+    if not hostroute.enabled(cfg["objects"]):
+        return []
+    try:
+        return hostroute.sync(globals_dir(cfg), cfg["pods"], cni.list_endpoints(), check=check)
+    except (OSError, hostroute.HostRouteError) as e:
+        raise ConfigError("config.objects: cannot write the BPF host routing maps: %s" % (e,))
 
 
 def _pods_preflight(cfg, module):
@@ -362,4 +409,11 @@ def status(cfg):
         rep["pods"] = podnet.status(cfg["pods"])
     except (ImportError, OSError, podnet.PodError) as e:
         rep["pods"] = {"enabled": cfg["pods"] is not None, "error": str(e)}
+    if rep["pods"].get("enabled"):
+        rep["pods"]["host_routing"] = "bpf" if hostroute.enabled(cfg["objects"]) else "legacy"
+        if hostroute.enabled(cfg["objects"]):
+            try:
+                rep["pods"]["bpf_endpoints"] = len(hostroute.read(globals_dir(cfg), hostroute.ENDPOINTS) or {})
+            except OSError as e:
+                rep["pods"]["bpf_endpoints"] = str(e)
     return rep

@@ -39,6 +39,12 @@ description:
     leaving the cluster (one nftables table C(ip kldload_netstack)), the CNI conflist and the C(netstack-cni)
     plugin symlink to O(bundle). Changing the mode is one run - the other mode's device, neighbours, fdb and
     routes go. Without O(pods), whatever of a pod network is there (default names) is removed.
+  - B(BPF host routing.) With the objects C(host) (targets.devices the underlay device) and C(lxc) in O(objects)
+    (version_added 0.3.0; both or neither, and only with O(pods)), pod packets are forwarded by tc programs
+    instead of the host's IP stack - into a pod of this node with C(bpf_redirect_peer), to a pod of another
+    node through the FIB's next hop - and the module keeps their two maps (the cluster's pod CIDRs, the pods of
+    this node from the CNI plugin's endpoint records) as the configuration and the records say. Without them
+    the stack forwards pod traffic (Cilium's legacy host routing).
   - Everything is validated before anything on the node is touched; bad input fails naming the field.
   - B(Boot.) With O(restore_unit), the unit C(netstack-dataplane.service) (enabled) runs C(netstack dataplane
     restore) at boot, which applies the same configuration again with the last applied service table.
@@ -294,13 +300,15 @@ routes:
 pods:
   description:
     - The pod network - C(changes) (what was done or would be, besides routes), C(mtu) (the pod MTU), C(mode)
-      (routing mode, or null without a pod network).
+      (routing mode, or null without a pod network), C(host_routing) (the changes to the BPF host routing maps),
+      C(endpoints) (endpoint programs attached to, moved on or detached from this node's pods).
   returned: always
   type: dict
   sample:
     changes: ["create vxlan device kln_vxlan (vni 1, dstport 8472, local 192.168.1.11 dev eth0, mac 02:4b:c0:a8:01:0b, mtu 1450)"]
     mtu: 1450
     mode: tunnel
+    host_routing: ["kln_pod_cidr4: add 10.244.11.0/24 (local)"]
 unit:
   description: Changes to the restore unit (written, enabled, removed).
   returned: always
@@ -404,7 +412,8 @@ def main():
     out = dict(changed=res["changed"], actions=dp["actions"], objects=dp["report"]["objects"],
                shared_maps=dp["report"]["globals"], routes=res["routes"], unit=res["unit"],
                pods={"changes": res["pods"]["changes"], "mtu": res["pods"]["mtu"],
-                     "mode": cfg["pods"]["routing_mode"] if cfg["pods"] else None})
+                     "mode": cfg["pods"]["routing_mode"] if cfg["pods"] else None,
+                     "host_routing": res.get("host_routing", []), "endpoints": res.get("endpoints", [])})
     if p["state"] == "present":
         d = res["lb"]["diff"]
         out.update(services=res["lb"]["services"], added=d["added"], removed=d["removed"], service_changes=d["changed"],
@@ -435,6 +444,8 @@ def _diff(res, state):
             dict((k, v) for k, v in c.items() if k not in ("service", "name")), sort_keys=True)) for c in d["changed"]]
     after += ["route %s" % r for r in res["routes"]]
     after += ["pods: %s" % c for c in res["pods"]["changes"]]
+    after += ["endpoints: %s" % c for c in res.get("endpoints", [])]
+    after += ["host routing: %s" % c for c in res.get("host_routing", [])]
     after += ["unit: %s" % u for u in res["unit"]]
     return {"before": "\n".join(before) + "\n", "after": "\n".join(after) + "\n"}
 

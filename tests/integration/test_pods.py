@@ -64,6 +64,32 @@ def _underlay_fragments(lab, host, action="count"):
                for e in r["rule"]["expr"] if "counter" in e)
 
 
+FWD_TABLE = "netstack_test_fwd"
+
+
+def _forwarded(lab, host, action="count"):
+    """Packets the node's IP stack forwards from a pod's interface and to one (ptp's host interfaces are
+    veth*), counted at the FORWARD hook: add, count ({"from_pod": n, "to_pod": n}), delete."""
+    if action == "add":
+        lab.sh(host, "nft -f - <<'EOF'\ntable ip %s {\n chain c {\n  type filter hook forward priority -300;\n"
+                     "  iifname \"veth*\" counter comment \"from_pod\"\n  oifname \"veth*\" counter comment \"to_pod\"\n"
+                     " }\n}\nEOF" % FWD_TABLE)
+        return None
+    if action == "delete":
+        lab.sh(host, "nft delete table ip %s" % FWD_TABLE, check=False)
+        return None
+    out = json.loads(lab.sh(host, "nft -j list table ip %s" % FWD_TABLE).stdout)
+    return {r["rule"]["comment"]: [e["counter"]["packets"] for e in r["rule"]["expr"] if "counter" in e][0]
+            for r in out["nftables"] if "rule" in r}
+
+
+def _transfer(lab, a, b, size="8M"):
+    """An iperf3 transfer from pod a to pod b; the bytes b received."""
+    _in_pod(lab, b, "iperf3 -s -1 -D -p 5201")
+    out = _in_pod(lab, a, "iperf3 -c %s -p 5201 -n %s -J" % (b["ip"], size), timeout=120)
+    return json.loads(out.stdout)["end"]["sum_received"]["bytes"]
+
+
 @pytest.fixture(scope="module")
 def installed(lab):
     run_playbook("playbooks/install.yml")
@@ -124,13 +150,19 @@ def _bulk_and_big_datagrams(lab, mode):
     a, b = [pods[n] for n in sorted(pods)[:2]]
     for h in lab.hosts():
         _underlay_fragments(lab, h, "add")
+        _forwarded(lab, h, "add")
     try:
-        _in_pod(lab, b, "iperf3 -s -1 -D -p 5201")
-        out = _in_pod(lab, a, "iperf3 -c %s -p 5201 -n 8M -J" % b["ip"], timeout=120)
-        res = json.loads(out.stdout)
-        assert res["end"]["sum_received"]["bytes"] >= 8 * 1024 * 1024
+        assert _transfer(lab, a, b) >= 8 * 1024 * 1024
         frags = {h: _underlay_fragments(lab, h) for h in lab.hosts()}
         assert not any(frags.values()), "fragments on the underlay during a TCP transfer: %s" % frags
+        # BPF host routing (the default): the pods' packets never pass the nodes' IP forwarding -
+        # except, in tunnel mode, after decapsulation on the receiving node
+        fwd = {h: _forwarded(lab, h) for h in (a["host"], b["host"])}
+        assert fwd[a["host"]]["from_pod"] == 0 and fwd[b["host"]]["from_pod"] == 0, fwd
+        if mode == "native":
+            assert fwd[a["host"]]["to_pod"] == 0 and fwd[b["host"]]["to_pod"] == 0, fwd
+        else:
+            assert fwd[b["host"]]["to_pod"] > 0, fwd
         big = _in_pod(lab, a, "python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
                               "s.settimeout(3); s.sendto(b\"x\" * 8000, (\"%s\", 5353)); "
                               "print(s.recvfrom(65535)[0].decode())'" % b["ip"])
@@ -142,6 +174,7 @@ def _bulk_and_big_datagrams(lab, mode):
     finally:
         for h in lab.hosts():
             _underlay_fragments(lab, h, "delete")
+            _forwarded(lab, h, "delete")
 
 
 @pytest.mark.parametrize("mode", ["tunnel", "native"])
@@ -159,6 +192,53 @@ def test_pods_reach_pods_nodes_and_services_across_nodes(installed, mode):
         if mode != "tunnel":
             run_playbook("playbooks/install.yml")
     assert proc.returncode == 0
+
+
+def test_legacy_host_routing_forwards_through_the_stack(installed):
+    """netstack_host_routing=legacy, four times (check, apply, apply, check): the host and lxc objects and
+    the pods' links go, pods still reach pods across nodes, now through the nodes' IP forwarding; back
+    to bpf, existing pods get the lxc program again and the stack forwards nothing of theirs."""
+    lab = installed
+    legacy = ("-e", "netstack_routing_mode=native", "-e", "netstack_host_routing=legacy")
+    host = lab.hosts()[0]
+    under = lab.hostvars[host]["netstack_underlay_interface"]
+    try:
+        run_playbook("playbooks/install.yml", "-e", "netstack_routing_mode=native")
+        pods = _pods(lab)           # made again for native mode's MTU; host routing does not remake them
+        a, b = [pods[n] for n in sorted(pods)[:2]]
+        check = run_playbook("playbooks/install.yml", *legacy, "--check")
+        assert any(c > 0 for c in _recap(check).values())
+        assert "kln_from_netdev" in lab.sh(host, "bpftool net show dev %s" % under).stdout   # check changed nothing
+        run_playbook("playbooks/install.yml", *legacy)
+        assert "kln_from_netdev" not in lab.sh(host, "bpftool net show dev %s" % under).stdout
+        assert "kln_from_container" not in lab.sh(a["host"], "bpftool net show dev %s" % a["ep"]["host_interface"]).stdout
+        assert lab.sh(host, "ls /sys/fs/bpf/kldload-netstack").stdout.split() == ["globals", "sock_lb"]
+        again = run_playbook("playbooks/install.yml", *legacy)
+        assert all(c == 0 for c in _recap(again).values()), changed_tasks(again)
+        check = run_playbook("playbooks/install.yml", *legacy, "--check")
+        assert all(c == 0 for c in _recap(check).values()), changed_tasks(check)
+        for h in (a["host"], b["host"]):
+            _forwarded(lab, h, "add")
+        try:
+            assert _transfer(lab, a, b, "2M") >= 2 * 1024 * 1024
+            fwd = {h: _forwarded(lab, h) for h in (a["host"], b["host"])}
+            assert fwd[a["host"]]["from_pod"] > 0 and fwd[b["host"]]["to_pod"] > 0, fwd
+        finally:
+            for h in (a["host"], b["host"]):
+                _forwarded(lab, h, "delete")
+        run_playbook("playbooks/install.yml", "-e", "netstack_routing_mode=native")
+        assert "kln_from_container" in lab.sh(a["host"], "bpftool net show dev %s" % a["ep"]["host_interface"]).stdout
+        for h in (a["host"], b["host"]):
+            _forwarded(lab, h, "add")
+        try:
+            assert _transfer(lab, a, b, "2M") >= 2 * 1024 * 1024
+            fwd = {h: _forwarded(lab, h) for h in (a["host"], b["host"])}
+            assert not any(v for f in fwd.values() for v in f.values()), fwd
+        finally:
+            for h in (a["host"], b["host"]):
+                _forwarded(lab, h, "delete")
+    finally:
+        run_playbook("playbooks/install.yml")
 
 
 def test_workloads_added_changed_removed(installed):

@@ -13,7 +13,7 @@ from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys
 
 HEADER = "/usr/include/linux/bpf.h"
 CMDS = ["MAP_CREATE", "MAP_LOOKUP_ELEM", "MAP_UPDATE_ELEM", "MAP_DELETE_ELEM", "MAP_GET_NEXT_KEY", "OBJ_PIN",
-        "OBJ_GET", "PROG_ATTACH", "PROG_DETACH", "PROG_GET_FD_BY_ID", "MAP_GET_FD_BY_ID", "OBJ_GET_INFO_BY_FD",
+        "OBJ_GET", "PROG_ATTACH", "PROG_DETACH", "PROG_TEST_RUN", "PROG_GET_FD_BY_ID", "MAP_GET_FD_BY_ID", "OBJ_GET_INFO_BY_FD",
         "PROG_QUERY", "MAP_LOOKUP_BATCH", "MAP_UPDATE_BATCH", "MAP_DELETE_BATCH", "LINK_CREATE", "LINK_UPDATE",
         "LINK_GET_FD_BY_ID", "LINK_DETACH"]
 

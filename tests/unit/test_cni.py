@@ -538,3 +538,75 @@ def test_endpoint_programs_attached_on_add_detached_on_del(cni_bin, env_dirs, ne
                 pass
     finally:
         subprocess.run(["umount", str(fs)], check=False)
+
+
+@needs_root
+@pytest.mark.skipif(not EP_COUNT.exists(), reason="bpf/build/tests/ep_count.o not built (make -C bpf)")
+def test_apply_attaches_endpoint_programs_to_pods_made_before(cni_bin, env_dirs, netns_factory, host_links, tmp_path):
+    """A pod made while no object had endpoint programs gets them from reconcile_endpoints (what a
+    dataplane apply runs): check mode says so and attaches nothing, the apply attaches them and the
+    record says so, again is no change; a lost link comes back; a reloaded object's links are moved to
+    its new program; an object taken away takes its links."""
+    import zipfile
+    from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys, loader
+
+    fs = tmp_path / "bpffs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(fs)], check=True)
+    root = str(fs / "kldload-netstack")
+    bundle = tmp_path / "netstack.pyz"
+    with zipfile.ZipFile(str(bundle), "w") as z:
+        z.write(str(EP_COUNT).replace(".o", ".manifest.json"), "netstack_objects/ep_count.manifest.json")
+    cfg_path = tmp_path / "dataplane.json"
+    none = {"pin_path": root, "bundle": str(bundle), "objects": []}
+    cfg = dict(none, objects=[{"name": "ep_count"}])
+    cfg_path.write_text(json.dumps(none))
+    os.environ["NETSTACK_CONFIG"] = str(cfg_path)     # monkeypatched by env_dirs: restored afterwards
+    ns, netns = netns_factory()
+    conf = _conflist(_subnet(), env_dirs["ipam"])
+    cid = uuid.uuid4().hex
+    try:
+        out = cni.invoke(conf, "ADD", cid, netns, "eth0", args=_pod_args("early"), cni_path=[cni_bin],
+                         cache_dir=env_dirs["cache"])
+        ifindex = socket.if_nametoindex([i for i in out["interfaces"] if not i.get("sandbox")][0]["name"])
+
+        def attached():
+            out = {}
+            for at in ("tcx_ingress", "tcx_egress"):
+                for pid in bpfsys.prog_query(ifindex, at):
+                    with bpfsys.prog_fd_by_id(pid) as pfd:
+                        out[at] = pid
+            return out
+
+        assert cni.list_endpoints(env_dirs["endpoints"])[0]["programs"] == [] and attached() == {}
+        loader.ensure(root, [loader.object_spec("ep_count", str(EP_COUNT), targets={})])
+        ep = "early"
+        want = ["endpoint shop/%s: attach ep_count/kln_ep_from_pod (tcx_ingress)" % ep,
+                "endpoint shop/%s: attach ep_count/kln_ep_to_pod (tcx_egress)" % ep]
+        assert cni.reconcile_endpoints(cfg, env_dirs["endpoints"], check=True) == want
+        assert attached() == {}
+        assert cni.reconcile_endpoints(cfg, env_dirs["endpoints"]) == want
+        first = attached()
+        assert sorted(first) == ["tcx_egress", "tcx_ingress"]
+        rec = cni.list_endpoints(env_dirs["endpoints"])[0]
+        assert sorted(p["program"] for p in rec["programs"]) == ["kln_ep_from_pod", "kln_ep_to_pod"]
+        assert cni.reconcile_endpoints(cfg, env_dirs["endpoints"]) == []
+        # a lost link is made again
+        loader.unpin_link([p["pin"] for p in rec["programs"] if p["program"] == "kln_ep_to_pod"][0])
+        assert cni.reconcile_endpoints(cfg, env_dirs["endpoints"]) == [want[1]]
+        # the object reloaded (another map size: a new version): the links move to its programs
+        loader.ensure(root, [loader.object_spec("ep_count", str(EP_COUNT), targets={}, map_sizes={"kln_ep_count": 4})])
+        assert cni.reconcile_endpoints(cfg, env_dirs["endpoints"]) == want
+        moved = attached()
+        assert sorted(moved) == sorted(first) and all(moved[k] != first[k] for k in moved)
+        # the object goes: so do its links (with its pin directory), and the record says none
+        loader.ensure(root, [], prune=True)
+        assert attached() == {}
+        assert cni.reconcile_endpoints(none, env_dirs["endpoints"]) == []
+        assert cni.list_endpoints(env_dirs["endpoints"])[0]["programs"] == []
+    finally:
+        try:
+            cni.invoke(conf, "DEL", cid, netns, "eth0", cni_path=[cni_bin], cache_dir=env_dirs["cache"])
+        except cni.CNIError:
+            pass
+        subprocess.run(["umount", str(fs)], check=False)

@@ -202,7 +202,8 @@ def test_node_bundle_is_one_zipapp_with_the_whole_library(tmp_path):
     info = json.loads(out.stdout)
     with open(os.path.join(REPO, "galaxy.yml")) as f:
         assert "version: %s" % info["collection"] in f.read()
-    assert set(info["built_objects"]) == {"sock_lb"} and len(info["built_objects"]["sock_lb"]) == 64
+    assert set(info["built_objects"]) == {"sock_lb", "host", "lxc"}
+    assert all(len(sha) == 64 for sha in info["built_objects"].values())
     helped = subprocess.run([sys.executable, pyz, "--help"], capture_output=True, text=True, check=True).stdout
     assert "lb list" in helped and "dataplane restore" in helped
     assert "echo" not in helped.split("usage:")[1].split("\n")[0] and " probe" not in helped   # no test helpers
@@ -230,6 +231,13 @@ def test_pods_section_is_off_when_absent_and_canonical_when_given():
                  "cni": {"conflist": "/etc/cni/net.d/05-kldload-netstack.conflist", "bin_dir": "/usr/lib/cni"}}
     cfg = runtime.validate(_pods())
     assert runtime.validate(json.loads(runtime.config_text(cfg))) == cfg       # the file reads back the same
+
+
+def test_bpf_host_routing_is_the_host_and_lxc_objects():
+    cfg = runtime.validate(dict(_pods(), objects=[{"name": "sock_lb"}, {"name": "host", "targets": {"devices": ["eth0"]}},
+                                                  {"name": "lxc"}]))
+    assert [o["name"] for o in cfg["objects"]] == ["sock_lb", "host", "lxc"]
+    assert runtime.validate(json.loads(runtime.config_text(cfg))) == cfg
 
 
 def test_pod_routes_and_conflist():
@@ -283,6 +291,12 @@ _N2 = {"name": "node2", "underlay_ip": "192.168.1.12", "pod_cidr": "10.244.2.0/2
     (_pods(colour="red"), "config.pods: unknown field(s) colour"),
     (dict(_pods(), routes=[{"dst": "10.244.2.0/24", "via": "192.168.1.12"}]),
      "config.routes: 10.244.2.0/24 is the pod CIDR of node node2 in config.pods.nodes"),
+    (dict(_pods(), objects=[{"name": "sock_lb"}, {"name": "lxc"}]),
+     "config.objects[1].name: BPF host routing needs both objects host and lxc (host is missing)"),
+    ({"objects": [{"name": "host", "targets": {"devices": ["eth0"]}}, {"name": "lxc"}]},
+     "config.objects[0].name: host is BPF host routing, which needs config.pods (a pod network)"),
+    (dict(_pods(), objects=[{"name": "host", "targets": {"devices": ["eth1"]}}, {"name": "lxc"}]),
+     "config.objects[0].targets.devices: the host object must attach to the underlay device eth0"),
 ])
 def test_pods_errors_name_the_field(cfg, message):
     with pytest.raises(runtime.ConfigError) as e:
