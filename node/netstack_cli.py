@@ -7,6 +7,8 @@
   netstack lb list [--json]            the socket load balancer's service table (like cilium bpf lb list)
   netstack dataplane status [--json]   objects, programs, attachments, shared and private maps, routes
   netstack endpoint list [--json]      the pods' endpoints on this node, as the netstack-cni plugin recorded them
+  netstack encrypt status [--json] [--interface NAME]
+                                       the WireGuard device: backend, public key, port, peers and their handshakes
   netstack dataplane restore           apply the node configuration again with the last applied service
                                        table (what netstack-dataplane.service runs at boot)
 
@@ -25,7 +27,7 @@ import os
 import sys
 import time
 
-from ansible_collections.kldload.netstack.plugins.module_utils import cni, lb, loader, routes, runtime
+from ansible_collections.kldload.netstack.plugins.module_utils import cni, lb, loader, routes, runtime, wireguard
 
 BUILD_INFO = "netstack_build.json"
 
@@ -84,6 +86,11 @@ def cmd_endpoint_list(args):
     print(json.dumps(rows, indent=1, sort_keys=True) if args.json else cni.format_endpoints(rows))
 
 
+def cmd_encrypt_status(args):
+    st = wireguard.status(args.interface)
+    print(json.dumps(st, indent=1, sort_keys=True) if args.json else wireguard.format_status(st))
+
+
 def cmd_restore(_args):
     t0 = time.time()
     res = runtime.apply(_config())
@@ -112,6 +119,11 @@ def cmd_status(args):
         print("  %-20s %-9s %d entries" % (pin, m["type"], m["max_entries"]))
     print("services: %s" % ("unknown (maps not readable)" if rep["services"] is None else rep["services"]))
     print("routes: %s" % (", ".join("%s via %s" % (r["dst"], r["via"]) for r in rep["config"]["routes"]) or "none"))
+    pods = rep.get("pods") or {}
+    if pods.get("enabled"):
+        print("pods: %s mode, CIDR %s, MTU %s, host routing %s%s"
+              % (pods.get("mode"), pods.get("cidr"), pods.get("mtu"), pods.get("host_routing"),
+                 " (%s pods in kln_endpoints4)" % pods["bpf_endpoints"] if "bpf_endpoints" in pods else ""))
 
 
 def main(argv=None):
@@ -135,10 +147,15 @@ def main(argv=None):
     p = p_dp.add_parser("status", help="what is loaded and attached")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_status)
+    p_enc = sub.add_parser("encrypt", help="WireGuard encryption").add_subparsers(dest="sub", required=True)
+    p = p_enc.add_parser("status", help="the WireGuard device and its peers")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--interface", default=wireguard.DEFAULT_INTERFACE)
+    p.set_defaults(fn=cmd_encrypt_status)
     args = ap.parse_args(argv)
     try:
         args.fn(args)
-    except (runtime.ConfigError, lb.LbError, loader.ProgError, routes.RouteError, OSError) as e:
+    except (runtime.ConfigError, lb.LbError, loader.ProgError, routes.RouteError, wireguard.WgError, OSError) as e:
         sys.exit("netstack: %s" % e)
 
 
