@@ -9,6 +9,8 @@
   netstack endpoint list [--json]      the pods' endpoints on this node, as the netstack-cni plugin recorded them
   netstack encrypt status [--json] [--interface NAME]
                                        the WireGuard device: backend, public key, port, peers and their handshakes
+  netstack encrypt restore [--interface NAME]
+                                       apply the saved WireGuard configuration again (netstack-wireguard-NAME.service)
   netstack dataplane restore           apply the node configuration again with the last applied service
                                        table (what netstack-dataplane.service runs at boot)
 
@@ -91,6 +93,11 @@ def cmd_encrypt_status(args):
     print(json.dumps(st, indent=1, sort_keys=True) if args.json else wireguard.format_status(st))
 
 
+def cmd_encrypt_restore(args):
+    res = wireguard.restore(args.interface)
+    print("netstack: %s (%s backend): %s" % (args.interface, res["backend"], "; ".join(res["changes"]) or "in place"))
+
+
 def cmd_restore(_args):
     t0 = time.time()
     res = runtime.apply(_config())
@@ -152,6 +159,9 @@ def main(argv=None):
     p.add_argument("--json", action="store_true")
     p.add_argument("--interface", default=wireguard.DEFAULT_INTERFACE)
     p.set_defaults(fn=cmd_encrypt_status)
+    p = p_enc.add_parser("restore", help="apply the saved WireGuard configuration again (boot)")
+    p.add_argument("--interface", default=wireguard.DEFAULT_INTERFACE)
+    p.set_defaults(fn=cmd_encrypt_restore)
     args = ap.parse_args(argv)
     try:
         args.fn(args)

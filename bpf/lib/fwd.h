@@ -110,7 +110,8 @@ static __always_inline int fwd_to_local_pod(struct __sk_buff *skb, __be32 daddr,
 
 /* A pod's packet for a pod of another node: out of the device towards the next hop the FIB names
  * (the VXLAN device in tunnel mode, the underlay in native mode). TCX_NEXT when the address is not
- * in a pod CIDR of another node or the FIB has no complete answer yet (no neighbour entry: the
+ * in a pod CIDR of another node, the traffic is to be encrypted (WireGuard: the stack routes it into the
+ * device, and strict mode's filter sees what would leave otherwise), or the FIB has no complete answer yet (no neighbour entry: the
  * stack resolves it, and later packets take this path). */
 static __always_inline int fwd_to_remote_pod(struct __sk_buff *skb, struct iphdr *ip)
 {
@@ -120,7 +121,7 @@ static __always_inline int fwd_to_remote_pod(struct __sk_buff *skb, struct iphdr
 	__u8 ttl = ip->ttl;
 	long rc;
 
-	if (!c || (c->flags & CIDR_F_LOCAL))
+	if (!c || (c->flags & (CIDR_F_LOCAL | CIDR_F_ENCRYPT)))
 		return TCX_NEXT;
 	fib.family = AF_INET;
 	fib.tos = ip->tos;

@@ -31,6 +31,7 @@ struct cidr4_key {
 };
 
 #define CIDR_F_LOCAL 1	/* this node's pod CIDR */
+#define CIDR_F_ENCRYPT 2	/* reached through the WireGuard device: left to the stack (strict mode's filter sees it) */
 
 /* kln_pod_cidr4 value: flags                                            py: "=I" (4 bytes) */
 struct cidr_info {

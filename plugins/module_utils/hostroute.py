@@ -38,6 +38,7 @@ EP_VALUE = struct.Struct("=I6s6s")
 CIDR_KEY = struct.Struct("=I4s")
 CIDR_VALUE = struct.Struct("=I")
 CIDR_F_LOCAL = 1
+CIDR_F_ENCRYPT = 2      # reached through the WireGuard device: the stack routes it (no fast path)
 MAX_ENTRIES = {ENDPOINTS: 65536, CIDRS: 1024}
 
 
@@ -90,7 +91,8 @@ def cidr_entries(pods):
     out = {}
     if not pods:
         return out
-    for cidr, flags in [(pods["cidr"], CIDR_F_LOCAL)] + [(n["pod_cidr"], 0) for n in pods["nodes"]]:
+    remote = CIDR_F_ENCRYPT if pods.get("encryption") else 0
+    for cidr, flags in [(pods["cidr"], CIDR_F_LOCAL)] + [(n["pod_cidr"], remote) for n in pods["nodes"]]:
         net = ipaddress.ip_network(u"%s" % cidr)
         out[CIDR_KEY.pack(net.prefixlen, net.network_address.packed)] = CIDR_VALUE.pack(flags)
     return out
@@ -108,7 +110,9 @@ def _ep_text(key, value):
 
 def _cidr_text(key, value):
     plen, addr = CIDR_KEY.unpack(key)
-    return "%s/%d%s" % (socket.inet_ntoa(addr), plen, " (local)" if CIDR_VALUE.unpack(value)[0] & CIDR_F_LOCAL else "")
+    flags = CIDR_VALUE.unpack(value)[0]
+    return "%s/%d%s%s" % (socket.inet_ntoa(addr), plen, " (local)" if flags & CIDR_F_LOCAL else "",
+                          " (encrypted: through the stack)" if flags & CIDR_F_ENCRYPT else "")
 
 
 _TEXT = {ENDPOINTS: _ep_text, CIDRS: _cidr_text}

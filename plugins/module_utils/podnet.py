@@ -58,7 +58,8 @@ SERVICE_CIDR = "10.96.0.0/12"
 MODES = ("tunnel", "native")
 FORWARD_SYSCTL = "net.ipv4.ip_forward"
 _KEYS = ("cidr", "routing_mode", "underlay_interface", "underlay_ip", "mtu", "vxlan", "nodes", "service_cidr",
-         "masquerade", "cni")
+         "masquerade", "cni", "encryption")
+WG_OVERHEAD = 60             # outer IPv4 20 + UDP 8 + WireGuard header 16 + tag 16 (wireguard.OVERHEAD)
 _NUD_PERMANENT = 0x80
 _NUD_NOARP = 0x40
 _NTF_SELF = 0x02
@@ -180,7 +181,15 @@ def normalize(pods, where="config.pods"):
         raise PodError("%s.masquerade: must be true or false, got %r" % (where, masq))
     cni = pods.get("cni") or {}
     _keys(cni, ("conflist", "bin_dir"), where + ".cni")
-    return {"cidr": str(cidr), "routing_mode": mode, "underlay_interface": underlay_if,
+    enc = pods.get("encryption")
+    if enc is not None:
+        _keys(enc, ("device", "strict"), where + ".encryption")
+        if not isinstance(enc.get("strict", False), bool):
+            raise PodError("%s.encryption.strict: must be true or false" % where)
+        enc = {"device": _ifname(enc.get("device"), where + ".encryption.device"), "strict": enc.get("strict", False)}
+        if enc["device"] in (underlay_if, vxlan["device"]):
+            raise PodError("%s.encryption.device: %s is the underlay or the VXLAN device" % (where, enc["device"]))
+    return {"cidr": str(cidr), "routing_mode": mode, "underlay_interface": underlay_if, "encryption": enc,
             "underlay_ip": str(underlay_ip), "mtu": mtu, "vxlan": vxlan,
             "nodes": sorted(out_nodes, key=lambda n: n["name"]), "service_cidr": str(svc), "masquerade": masq,
             "cni": {"conflist": _path(cni.get("conflist", CONFLIST), where + ".cni.conflist"),
@@ -203,13 +212,27 @@ def pod_mtu(pods, underlay_mtu):
     the underlay's in native mode."""
     if pods["mtu"]:
         return pods["mtu"]
+    if pods.get("encryption"):
+        return underlay_mtu - WG_OVERHEAD
     return underlay_mtu - VXLAN_OVERHEAD if pods["routing_mode"] == "tunnel" else underlay_mtu
+
+
+def tunnelled(pods):
+    """Whether the node needs its VXLAN device: tunnel mode without encryption (WireGuard is the
+    tunnel when encryption is on, in either mode)."""
+    return pods is not None and pods["routing_mode"] == "tunnel" and not pods.get("encryption")
 
 
 def wanted_routes(pods):
     """The routes to the other nodes' pod CIDRs (routes.normalize() form)."""
     if pods is None:
         return []
+    if pods.get("encryption"):
+        # into the WireGuard device; it picks the peer by the destination (allowed IPs), the gateway only
+        # names the node (onlink: the device has no address of that network); the node's own packets leave
+        # from its underlay address, which is what the peer allows besides this node's pods
+        return [{"dst": n["pod_cidr"], "via": n["underlay_ip"], "dev": pods["encryption"]["device"], "onlink": True,
+                 "src": pods["underlay_ip"]} for n in pods["nodes"]]
     if pods["routing_mode"] == "tunnel":
         return [{"dst": n["pod_cidr"], "via": gateway(n["pod_cidr"]), "dev": pods["vxlan"]["device"], "onlink": True}
                 for n in pods["nodes"]]
@@ -267,17 +290,45 @@ def conflist_text(pods, mtu, version=CNI_VERSION):
 
 # ---- masquerade (nftables) ----------------------------------------------------------------------
 
+def _nft_chains(pods):
+    """[(chain, type, hook, priority, rule)] of the wanted table: masquerade out of the cluster, and
+    with strict encryption a filter that drops this node's pod traffic to another node's pods unless the
+    route for it is the WireGuard device (no route, the device down, a route by the underlay: dropped and
+    counted - ``netstack dataplane status``)."""
+    if pods is None:
+        return []
+    out = []
+    if pods["masquerade"]:
+        out.append(("postrouting", "nat", "postrouting", "srcnat",
+                    "ip saddr %s ip daddr != { %s } oifname \"%s\" masquerade"
+                    % (pods["cidr"], ", ".join(cluster_cidrs(pods)), pods["underlay_interface"])))
+    enc = pods.get("encryption")
+    if enc and enc["strict"] and pods["nodes"]:
+        remote = [str(n) for n in ipaddress.collapse_addresses(ipaddress.ip_network(x["pod_cidr"]) for x in pods["nodes"])]
+        # before routing, on what routing would do (fib): no route, or a route by another device, is a drop
+        out.append(("prerouting", "filter", "prerouting", "filter",
+                    "ip saddr %s ip daddr { %s } fib daddr oifname != \"%s\" counter drop"
+                    % (pods["cidr"], ", ".join(remote), enc["device"])))
+    return out
+
+
 def nft_text(pods):
-    """The nftables table (``nft -f`` input) masquerading pod traffic that leaves the cluster. The
-    rule's comment carries a fingerprint of the wanted table, which is what read-back compares."""
-    body = ("ip saddr %s ip daddr != { %s } oifname \"%s\" masquerade"
-            % (pods["cidr"], ", ".join(cluster_cidrs(pods)), pods["underlay_interface"]))
-    return ("table ip %s {\n"
-            "  chain postrouting {\n"
-            "    type nat hook postrouting priority srcnat; policy accept;\n"
-            "    %s comment \"netstack:%s\"\n"
-            "  }\n"
-            "}\n") % (NFT_TABLE, body, _fingerprint(body))
+    """The nftables table (``nft -f`` input). Every rule's comment carries a fingerprint of the whole
+    wanted table, which is what read-back compares."""
+    chains = _nft_chains(pods)
+    fp = _fingerprint("\n".join(c[4] for c in chains))
+    body = "".join("  chain %s {\n    type %s hook %s priority %s; policy accept;\n    %s comment \"netstack:%s\"\n  }\n"
+                   % (name, typ, hook, prio, rule, fp) for name, typ, hook, prio, rule in chains)
+    return "table ip %s {\n%s}\n" % (NFT_TABLE, body)
+
+
+def nft_wanted(pods):
+    """What nft_read() reads when the table is as wanted; None when no table is wanted."""
+    chains = _nft_chains(pods)
+    if not chains:
+        return None
+    fp = _fingerprint("\n".join(c[4] for c in chains))
+    return {"chains": [[c[0], c[1], c[2], "accept"] for c in chains], "marks": [fp] * len(chains)}
 
 
 def _fingerprint(body):
@@ -289,8 +340,8 @@ def _nft(module):
 
 
 def nft_read(module=None):
-    """The fingerprints of the rules in table ``ip kldload_netstack`` (chain postrouting), in order, or
-    None when the table is absent. A table of another shape reads as ["?"] (made again)."""
+    """{chains [[name, type, hook, policy]], marks [the fingerprint in each rule's comment, "?" for a rule
+    that is not ours]} of table ``ip kldload_netstack``, or None when it is absent."""
     tool = _nft(module)
     if not tool.available:
         return None
@@ -303,13 +354,23 @@ def nft_read(module=None):
     for item in json.loads(out).get("nftables", []):
         if "chain" in item:
             c = item["chain"]
-            chains.append((c.get("name"), c.get("type"), c.get("hook"), c.get("policy")))
+            chains.append([c.get("name"), c.get("type"), c.get("hook"), c.get("policy")])
         if "rule" in item:
             comment = item["rule"].get("comment") or ""
             marks.append(comment[len("netstack:"):] if comment.startswith("netstack:") else "?")
-    if chains != [("postrouting", "nat", "postrouting", "accept")]:
-        return ["?"]
-    return marks
+    return {"chains": chains, "marks": marks}
+
+
+def strict_drops(module=None):
+    """Packets the strict-encryption rule dropped (None when there is no such rule)."""
+    tool = _nft(module)
+    if not tool.available:
+        return None
+    rc, out, _err = tool.run("-j", "list", "chain", "ip", NFT_TABLE, "prerouting", check=False)
+    if rc != 0:
+        return None
+    return sum(e["counter"]["packets"] for i in json.loads(out).get("nftables", []) if "rule" in i
+               for e in i["rule"]["expr"] if "counter" in e)
 
 
 def _nft_apply(pods, module):
@@ -407,13 +468,19 @@ def _preflight(ipr, pods, module):
     return probe
 
 
-def preflight(pods, module=None):
-    """_preflight() with its own netlink socket: runtime.apply() calls it before it touches anything."""
+def preflight(pods, module=None, check=False):
+    """_preflight() with its own netlink socket: runtime.apply() calls it before it touches anything.
+    Outside check mode, the WireGuard device encryption names must exist (the encryption role makes it)."""
     if pods is None:
         return None
     from pyroute2 import IPRoute
     with IPRoute() as ipr:
-        return _preflight(ipr, pods, module)
+        probe = _preflight(ipr, pods, module)
+        enc = pods.get("encryption")
+        if enc and not check and _link(ipr, enc["device"]) is None:
+            raise PodError("config.pods.encryption.device: there is no device %s on this node (the encryption role, "
+                           "wireguard_device, makes it first)" % enc["device"])
+        return probe
 
 
 def _wanted_device(pods, mtu):
@@ -487,7 +554,7 @@ def _apply(pods, static_routes=None, bundle=None, check=False, module=None):
                     with open(_sysctl_path(FORWARD_SYSCTL), "w") as f:
                         f.write("1\n")
             # 2. tunnel: the device, its neighbours and fdb
-            tunnel = pods is not None and pods["routing_mode"] == "tunnel"
+            tunnel = tunnelled(pods)
             if tunnel:
                 _device(ipr, pods, before["device"], probe, mtu, check, changes, created)
             # 3. routes (both modes, and the configuration's own)
@@ -500,13 +567,12 @@ def _apply(pods, static_routes=None, bundle=None, check=False, module=None):
                 if not check:
                     ipr.link("del", index=d["index"])
             # 5. masquerade
-            want_marks = [_fingerprint_of(pods)] if pods and pods["masquerade"] else None
-            if before["nft"] != want_marks:
-                changes.append(("write nftables table ip %s (masquerade %s to outside %s via %s)"
-                                % (NFT_TABLE, pods["cidr"], ", ".join(cluster_cidrs(pods)), pods["underlay_interface"]))
-                               if want_marks else "delete nftables table ip %s" % NFT_TABLE)
+            want_nft = nft_wanted(pods)
+            if before["nft"] != want_nft:
+                changes.append(("write nftables table ip %s (%s)" % (NFT_TABLE, "; ".join(
+                    c[4] for c in _nft_chains(pods)))) if want_nft else "delete nftables table ip %s" % NFT_TABLE)
                 if not check:
-                    _nft_apply(pods if want_marks else None, module)
+                    _nft_apply(pods if want_nft else None, module)
             # 6. the CNI conflist and the plugin symlink
             _cni(pods, mtu, probe, bundle, before, check, changes)
         except Exception:
@@ -523,11 +589,6 @@ def _apply(pods, static_routes=None, bundle=None, check=False, module=None):
         after = read(pods) if changes or route_changes else before
     return {"changed": bool(changes or route_changes), "changes": changes, "routes": route_changes, "mtu": mtu,
             "before": _public(before), "after": _public(after)}
-
-
-def _fingerprint_of(pods):
-    text = nft_text(pods)
-    return text.split('comment "netstack:')[1].split('"')[0]
 
 
 def _routes_sync(wanted, check):
@@ -634,12 +695,12 @@ def _would_be(pods, mtu, probe, before, bundle):
     if pods is None:
         return {"device": None, "neighbours": {}, "fdb": {}, "conflist": None, "plugin_link": None, "nft": None,
                 "ip_forward": before["ip_forward"]}
-    tunnel = pods["routing_mode"] == "tunnel"
+    tunnel = tunnelled(pods)
     return {"device": _wanted_device(pods, mtu) if tunnel else None,
             "neighbours": dict((gateway(n["pod_cidr"]), vxlan_mac(n["underlay_ip"])) for n in pods["nodes"]) if tunnel else {},
             "fdb": dict((vxlan_mac(n["underlay_ip"]), n["underlay_ip"]) for n in pods["nodes"]) if tunnel else {},
             "conflist": conflist_text(pods, mtu, probe["cni_version"]), "plugin_link": bundle or before["plugin_link"],
-            "nft": [_fingerprint_of(pods)] if pods["masquerade"] else None, "ip_forward": "1"}
+            "nft": nft_wanted(pods), "ip_forward": "1"}
 
 
 def _public(state):
@@ -696,5 +757,7 @@ def status(pods):
             "cidr": pods["cidr"] if pods else None,
             "mtu": pod_mtu(pods, under.get_attr("IFLA_MTU")) if under is not None else None, "device": dev,
             "routes": pod_routes, "neighbours": st["neighbours"], "fdb": st["fdb"],
-            "masquerade": st["nft"] is not None,
+            "masquerade": bool(st["nft"]) and ["postrouting", "nat", "postrouting", "accept"] in st["nft"]["chains"],
+            "encryption": pods.get("encryption") if pods else None,
+            "strict_drops": strict_drops() if pods and (pods.get("encryption") or {}).get("strict") else None,
             "conflist": (pods["cni"]["conflist"] if pods else CONFLIST) if st["conflist"] is not None else None}

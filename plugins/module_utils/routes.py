@@ -30,15 +30,16 @@ class RouteError(ValueError):
 
 
 def normalize(routes, where="routes"):
-    """[{dst, via[, dev][, onlink]}] in canonical form (dst a network, via an address of its family,
-    dev a device name, onlink true: the gateway is on ``dev`` whatever its addresses), sorted."""
+    """[{dst, via[, dev][, onlink][, src]}] in canonical form (dst a network, via an address of its family,
+    dev a device name, onlink true: the gateway is on ``dev`` whatever its addresses, src the source
+    address the node picks for it), sorted."""
     if not isinstance(routes, list):
         raise RouteError("%s: must be a list" % where)
     out = {}
     for i, r in enumerate(routes):
         w = "%s[%d]" % (where, i)
-        if not isinstance(r, dict) or set(r) - set(["dst", "via", "dev", "onlink"]):
-            raise RouteError("%s: must be a mapping {dst, via[, dev][, onlink]}" % w)
+        if not isinstance(r, dict) or set(r) - set(["dst", "via", "dev", "onlink", "src"]):
+            raise RouteError("%s: must be a mapping {dst, via[, dev][, onlink][, src]}" % w)
         try:
             dst = ipaddress.ip_network(str(r.get("dst")).strip(), strict=True)
         except ValueError as e:
@@ -60,6 +61,14 @@ def normalize(routes, where="routes"):
             route["dev"] = dev
         if onlink:
             route["onlink"] = True
+        if r.get("src"):
+            try:
+                src = ipaddress.ip_address(str(r["src"]).strip())
+            except ValueError:
+                raise RouteError("%s.src: %r is not an address" % (w, r.get("src")))
+            if src.version != dst.version:
+                raise RouteError("%s.src: %s is not of the family of %s" % (w, src, dst))
+            route["src"] = str(src)
         if str(dst) in out and out[str(dst)] != route:
             raise RouteError("%s.dst: %s is declared twice with different gateways" % (w, dst))
         out[str(dst)] = route
@@ -72,7 +81,7 @@ def _family(dst):
 
 
 def read(ipr):
-    """{dst: (gateway, protocol, device name, onlink)} of the main table's unicast routes (both families)."""
+    """{dst: (gateway, protocol, device name, onlink, prefsrc)} of the main table's unicast routes (both families)."""
     out = {}
     names = dict((lk["index"], lk.get_attr("IFLA_IFNAME")) for lk in ipr.get_links())
     for fam in (socket.AF_INET, socket.AF_INET6):
@@ -82,7 +91,7 @@ def read(ipr):
                 continue
             key = str(ipaddress.ip_network("%s/%d" % (d, r["dst_len"]), strict=False))
             out[key] = (r.get_attr("RTA_GATEWAY"), r["proto"], names.get(r.get_attr("RTA_OIF")),
-                        bool(r["flags"] & RTNH_F_ONLINK))
+                        bool(r["flags"] & RTNH_F_ONLINK), r.get_attr("RTA_PREFSRC"))
     return out
 
 
@@ -103,15 +112,17 @@ def plan(current, wanted):
                              % (dst, have[0] or "a device", have[1]))
         elif have[0] != via:
             replace.append(dict(r, was=have[0]))
-        elif len(have) > 2 and ((r.get("dev") and have[2] != r["dev"]) or have[3] != bool(r.get("onlink"))):
-            replace.append(dict(r, was="%s dev %s%s" % (have[0], have[2], " onlink" if have[3] else "")))
+        elif len(have) > 2 and ((r.get("dev") and have[2] != r["dev"]) or have[3] != bool(r.get("onlink"))
+                                or (len(have) > 4 and have[4] != r.get("src"))):
+            replace.append(dict(r, was="%s dev %s%s%s" % (have[0], have[2], " onlink" if have[3] else "",
+                                                          " src %s" % have[4] if len(have) > 4 and have[4] else "")))
     delete = [{"dst": d, "via": h[0]} for d, h in sorted(current.items()) if h[1] == RTPROT_NETSTACK and d not in want]
     return add, replace, delete
 
 
 def _label(r):
-    return "%s via %s%s%s" % (r["dst"], r["via"], " dev %s" % r["dev"] if r.get("dev") else "",
-                              " onlink" if r.get("onlink") else "")
+    return "%s via %s%s%s%s" % (r["dst"], r["via"], " dev %s" % r["dev"] if r.get("dev") else "",
+                                " onlink" if r.get("onlink") else "", " src %s" % r["src"] if r.get("src") else "")
 
 
 def sync(wanted, check=False):
@@ -130,6 +141,8 @@ def sync(wanted, check=False):
                     extra["oif"] = idx[0]
                 if r.get("onlink"):
                     extra["flags"] = RTNH_F_ONLINK
+                if r.get("src"):
+                    extra["prefsrc"] = r["src"]
                 ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen, gateway=r["via"],
                           proto=RTPROT_NETSTACK, table=MAIN_TABLE, family=_family(r["dst"]), **extra)
             for r in delete:

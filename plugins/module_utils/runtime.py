@@ -290,7 +290,7 @@ def apply(cfg, services=None, check=False, config_path=None, module=None, restor
     cfg = validate(cfg)
     table = services if services is not None else lb.load_state(cfg["lb"]["state_file"])
     lb.normalize(table, cfg["lb"]["maglev_table_size"])        # every service checked before anything is touched
-    _pods_preflight(cfg, module)                               # the underlay the pod network needs, likewise
+    _pods_preflight(cfg, module, check)                        # the underlay the pod network needs, likewise
     text = config_text(cfg)
     before_text = units.read(config_path) if config_path else None
     res = {"config": {"changed": config_path is not None and before_text != text, "path": config_path,
@@ -343,9 +343,9 @@ def _host_routing(cfg, check):
         raise ConfigError("config.objects: cannot write the BPF host routing maps: %s" % (e,))
 
 
-def _pods_preflight(cfg, module):
+def _pods_preflight(cfg, module, check=False):
     try:
-        podnet.preflight(cfg["pods"], module)
+        podnet.preflight(cfg["pods"], module, check)
     except podnet.PodError as e:
         raise ConfigError(str(e))
 

@@ -32,12 +32,15 @@ import re
 import socket
 import time
 
+from ansible_collections.kldload.netstack.plugins.module_utils import units
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool, find_binary
 
 DEFAULT_INTERFACE = "kln_wg0"
 DEFAULT_PORT = 51871
 STATE_DIR = "/var/lib/kldload-netstack/wireguard"
 UAPI_DIR = "/var/run/wireguard"
+CONFIG_DIR = "/etc/kldload-netstack/wireguard"
+NODE_COMMAND = "/usr/local/sbin/netstack"
 # outer IPv4 (20) + UDP (8) + WireGuard data header (16) + authentication tag (16)
 OVERHEAD = 60
 BACKENDS = ("auto", "kernel", "userspace")
@@ -456,17 +459,62 @@ def plan(cfg, have, own_public, mtu):
     return changes, args, link
 
 
+def unit_name(name):
+    return "netstack-wireguard-%s.service" % name
+
+
+def config_path(name):
+    return os.path.join(CONFIG_DIR, name + ".json")
+
+
+def unit_text(name, backend):
+    """The unit that brings the device back at boot, before the dataplane (whose routes need it):
+    wireguard-go as its process (userspace), or a one-shot that makes the kernel link; either way
+    ``netstack encrypt restore`` applies the saved configuration (config_path) with apply()."""
+    head = ("[Unit]\nDescription=kldload.netstack WireGuard device %s (%s backend)\n"
+            "After=network-pre.target\nBefore=netstack-dataplane.service\n\n[Service]\n" % (name, backend))
+    restore = "%s encrypt restore --interface %s" % (NODE_COMMAND, name)
+    if backend == "userspace":
+        body = ("Type=simple\nEnvironment=WG_PROCESS_FOREGROUND=1\nExecStart=%s -f %s\nExecStartPost=%s\n"
+                "Restart=on-failure\n" % (find_binary("wireguard-go") or "/usr/bin/wireguard-go", name, restore))
+    else:
+        body = "Type=oneshot\nRemainAfterExit=yes\nExecStart=%s\n" % restore
+    return head + body + "\n[Install]\nWantedBy=multi-user.target\n"
+
+
+def saved(cfg):
+    """The configuration file's text (what restore applies; no key material, the key file's path)."""
+    import json
+    return json.dumps(dict((k, v) for k, v in cfg.items() if not k.startswith("_")), indent=1, sort_keys=True) + "\n"
+
+
+def restore(name, module=None):
+    """Apply the saved configuration of ``name`` again (the unit's job at boot)."""
+    import json
+    text = units.read(config_path(name))
+    if text is None:
+        raise WgError("%s: no saved configuration (the wireguard_device module writes it)" % config_path(name))
+    cfg = normalize(json.loads(text))
+    if cfg["backend"] == "userspace":       # the unit's wireguard-go is starting: wait for its socket
+        for _i in range(200):
+            if os.path.exists(uapi_socket(name)) and link_state(name) is not None:
+                break
+            time.sleep(0.05)
+        else:
+            raise WgError("%s: wireguard-go did not open %s" % (name, uapi_socket(name)))
+    return apply(cfg, module=module)
+
+
 def _create(cfg, backend, module):
     if backend == "kernel":
         from pyroute2 import IPRoute
         with IPRoute() as ipr:
             ipr.link("add", ifname=cfg["name"], kind="wireguard")
         return
-    start = cfg.get("_start_userspace")
-    if start:
-        start(cfg["name"])
+    if cfg.get("_persist") and units.systemd_running():
+        units.systemctl(module, "start", unit_name(cfg["name"]))      # wireguard-go as the unit's process
     else:
-        Tool(module, "wireguard-go").run(cfg["name"])
+        Tool(module, "wireguard-go").run(cfg["name"])                  # daemonizes itself
     for _i in range(200):                       # wireguard-go answers on its socket within a moment
         if os.path.exists(uapi_socket(cfg["name"])):
             return
@@ -492,9 +540,10 @@ def public_view(st):
     return out
 
 
-def apply(cfg, check=False, module=None, start_userspace=None):
-    """Make the device ``cfg`` (normalize()d) as wanted. Returns {changed, changes, backend, warnings,
-    public_key, mtu, before, after}. WgError (before any change) when the input or the node is at fault."""
+def apply(cfg, check=False, module=None, persist=False):
+    """Make the device ``cfg`` (normalize()d) as wanted; with ``persist`` also its saved configuration and
+    the boot unit (unit_text). Returns {changed, changes, backend, warnings, public_key, mtu, before,
+    after}. WgError (before any change) when the input or the node is at fault."""
     key_file = cfg["private_key_file"]
     if not os.path.exists(key_file):
         raise WgError("private_key_file: %s does not exist (wireguard_key makes it)" % key_file)
@@ -513,8 +562,16 @@ def apply(cfg, check=False, module=None, start_userspace=None):
     if (have or {}).get("listen_port") != cfg["listen_port"] and not _udp_port_free(cfg["listen_port"]):
         raise WgError("listen_port: UDP %d is in use on this node" % cfg["listen_port"])
     mtu = device_mtu(cfg)
-    cfg = dict(cfg, _backend=backend, _start_userspace=start_userspace)
+    cfg = dict(cfg, _backend=backend, _persist=persist)
     changes, args, link = plan(cfg, have, own, mtu)
+    if persist:
+        text = saved(dict(cfg, backend=backend))
+        if units.read(config_path(cfg["name"])) != text:
+            changes.append("write %s" % config_path(cfg["name"]))
+            if not check:
+                units.write(config_path(cfg["name"]), text, 0o600)
+        changes += units.ensure_unit(unit_name(cfg["name"]), unit_text(cfg["name"], backend), "multi-user.target",
+                                     check=check, module=module)
     warnings = []
     if backend == "userspace":
         warnings.append("%s uses wireguard-go (userspace): this kernel has no WireGuard; throughput is lower "
@@ -531,18 +588,23 @@ def apply(cfg, check=False, module=None, start_userspace=None):
             "public_key": own, "mtu": mtu, "before": public_view(have), "after": public_view(after)}
 
 
-def remove(name, check=False):
-    """Delete the device (and so its peers); the changes."""
+def remove(name, check=False, module=None):
+    """Delete the device (and so its peers), its boot unit and saved configuration; the changes."""
     st = read(name)
-    if st is None:
-        return {"changed": False, "changes": []}
-    if st["backend"] == "other":
+    changes = units.remove_unit(unit_name(name), "multi-user.target", check=check, module=module)
+    if os.path.exists(config_path(name)):
+        changes.append("remove %s" % config_path(name))
+        if not check:
+            os.unlink(config_path(name))
+    if st is not None and st["backend"] == "other":
         raise WgError("name: %s is not a WireGuard device (kind %s); not removing it" % (name, st["link"]["kind"]))
-    if not check:
-        from pyroute2 import IPRoute
-        with IPRoute() as ipr:
-            ipr.link("del", index=st["link"]["index"])     # wireguard-go exits when its TUN goes
-    return {"changed": True, "changes": ["delete %s (%s backend)" % (name, st["backend"])]}
+    if st is not None:
+        changes.append("delete %s (%s backend)" % (name, st["backend"]))
+        if not check and link_state(name) is not None:     # stopping the unit may have taken it already
+            from pyroute2 import IPRoute
+            with IPRoute() as ipr:
+                ipr.link("del", index=st["link"]["index"])     # wireguard-go exits when its TUN goes
+    return {"changed": bool(changes), "changes": changes}
 
 
 def status(name, now=None):

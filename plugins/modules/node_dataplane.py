@@ -192,6 +192,25 @@ options:
             CIDR) leaving through O(pods.underlay_interface). V(false) - the nftables table is removed.
         type: bool
         default: true
+      encryption:
+        description:
+          - WireGuard between the nodes (the C(encryption) role sets it; version_added 0.3.0). The routes to the other
+            nodes' pod CIDRs go into O(pods.encryption.device) (C(via <node's underlay ip> onlink)) in either routing
+            mode - WireGuard is the tunnel, no VXLAN device is made - and the pod MTU (0) is the underlay's minus 60.
+            BPF host routing leaves this traffic to the stack. The device must exist (M(kldload.netstack.wireguard_device)).
+          - With O(pods.encryption.strict), the nftables table also drops (and counts) this node's pod traffic to another
+            node's pods that would leave by any other device - before the peers exist, with a peer missing or the
+            device down - instead of sending it in plaintext.
+        type: dict
+        suboptions:
+          device:
+            description: The WireGuard device.
+            type: str
+            required: true
+          strict:
+            description: Drop cross-node pod traffic that would leave unencrypted.
+            type: bool
+            default: false
       cni:
         description: Where the CNI network configuration goes.
         type: dict
@@ -381,6 +400,10 @@ def main():
             )),
             service_cidr=dict(type="str", default="10.96.0.0/12"),
             masquerade=dict(type="bool", default=True),
+            encryption=dict(type="dict", options=dict(
+                device=dict(type="str", required=True),
+                strict=dict(type="bool", default=False),
+            )),
             cni=dict(type="dict", options=dict(
                 conflist=dict(type="path", default="/etc/cni/net.d/05-kldload-netstack.conflist"),
                 bin_dir=dict(type="path", default="/usr/lib/cni"),

@@ -85,15 +85,23 @@ options:
       name:
         description: A label for the peer in the changes (the node's name).
         type: str
+  restore_unit:
+    description:
+      - Save the configuration (C(/etc/kldload-netstack/wireguard/<name>.json), 0600, no key material) and enable
+        C(netstack-wireguard-<name>.service), which brings the device back at boot before the dataplane - as the
+        unit's own C(wireguard-go) process on the userspace backend (then also how the module starts it), a one-shot
+        on the kernel backend - and applies the saved configuration (C(netstack encrypt restore)).
+    type: bool
+    default: false
   state:
-    description: V(absent) deletes the device.
+    description: V(absent) deletes the device (and its unit and saved configuration).
     type: str
     choices: [present, absent]
     default: present
 notes:
   - Supports check mode and diff mode (the device's public state - public key, port, peers - before and after).
-  - On the V(userspace) backend the module starts C(wireguard-go <name>), which keeps running until the device
-    is deleted.
+  - On the V(userspace) backend the module starts C(wireguard-go <name>) (through the unit with O(restore_unit) on a
+    systemd node), which keeps running until the device is deleted.
 author:
   - kldload.netstack developers (@kldload)
 """
@@ -174,18 +182,19 @@ def main():
             persistent_keepalive=dict(type="int", default=0),
             name=dict(type="str"),
         )),
+        restore_unit=dict(type="bool", default=False),
         state=dict(type="str", choices=["present", "absent"], default="present"),
     ), supports_check_mode=True)
     p = module.params
     try:
         if p["state"] == "absent":
             wireguard.check_name(p["name"], "name")
-            res = wireguard.remove(p["name"], check=module.check_mode)
+            res = wireguard.remove(p["name"], check=module.check_mode, module=module)
             module.exit_json(changed=res["changed"], changes=res["changes"])
         fields = ("name", "listen_port", "private_key_file", "backend", "mtu", "underlay_interface", "extra_overhead",
                   "peers")
         cfg = wireguard.normalize(dict((k, p[k]) for k in fields))
-        res = wireguard.apply(cfg, check=module.check_mode, module=module)
+        res = wireguard.apply(cfg, check=module.check_mode, module=module, persist=p["restore_unit"])
     except (wireguard.WgError, ToolError, OSError, IOError) as e:
         module.fail_json(msg=str(e))
     for w in res["warnings"]:

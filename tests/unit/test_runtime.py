@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from ansible_collections.kldload.netstack.plugins.module_utils import manifest as mf, routes, runtime
+from ansible_collections.kldload.netstack.plugins.module_utils import hostroute, manifest as mf, podnet, routes, runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOCK_LB_MANIFEST = os.path.join(REPO, "bpf", "sock_lb.manifest.json")
@@ -227,10 +227,28 @@ def test_pods_section_is_off_when_absent_and_canonical_when_given():
     p = runtime.validate(_pods())["pods"]
     assert p == {"cidr": "10.244.1.0/24", "routing_mode": "tunnel", "underlay_interface": "eth0",
                  "underlay_ip": "192.168.1.11", "mtu": 0, "vxlan": {"device": "kln_vxlan", "vni": 1, "port": 8472},
-                 "nodes": _PODS["nodes"], "service_cidr": "10.96.0.0/12", "masquerade": True,
+                 "nodes": _PODS["nodes"], "service_cidr": "10.96.0.0/12", "masquerade": True, "encryption": None,
                  "cni": {"conflist": "/etc/cni/net.d/05-kldload-netstack.conflist", "bin_dir": "/usr/lib/cni"}}
     cfg = runtime.validate(_pods())
     assert runtime.validate(json.loads(runtime.config_text(cfg))) == cfg       # the file reads back the same
+
+
+def test_encryption_routes_into_the_wireguard_device_in_both_modes():
+    for mode in ("tunnel", "native"):
+        p = runtime.validate(_pods(routing_mode=mode, encryption={"device": "kln_wg0", "strict": True}))["pods"]
+        assert podnet.wanted_routes(p) == [
+            {"dst": "10.244.2.0/24", "via": "192.168.1.12", "dev": "kln_wg0", "onlink": True, "src": "192.168.1.11"},
+            {"dst": "10.244.3.0/24", "via": "192.168.1.13", "dev": "kln_wg0", "onlink": True, "src": "192.168.1.11"}]
+        assert not podnet.tunnelled(p) and podnet.pod_mtu(p, 1500) == 1440
+        text = podnet.nft_text(p)
+        assert 'ip saddr 10.244.1.0/24 ip daddr { 10.244.2.0/23 } fib daddr oifname != "kln_wg0" counter drop' in text
+        assert "masquerade" in text and podnet.nft_wanted(p)["chains"] == [
+            ["postrouting", "nat", "postrouting", "accept"], ["prerouting", "filter", "prerouting", "accept"]]
+    p = runtime.validate(_pods(masquerade=False, encryption={"device": "kln_wg0"}))["pods"]
+    assert podnet.nft_wanted(p) is None          # not strict, no masquerade: no table
+    assert sorted(hostroute._cidr_text(k, v) for k, v in hostroute.cidr_entries(p).items()) == [
+        "10.244.1.0/24 (local)", "10.244.2.0/24 (encrypted: through the stack)",
+        "10.244.3.0/24 (encrypted: through the stack)"]
 
 
 def test_bpf_host_routing_is_the_host_and_lxc_objects():
@@ -291,6 +309,9 @@ _N2 = {"name": "node2", "underlay_ip": "192.168.1.12", "pod_cidr": "10.244.2.0/2
     (_pods(colour="red"), "config.pods: unknown field(s) colour"),
     (dict(_pods(), routes=[{"dst": "10.244.2.0/24", "via": "192.168.1.12"}]),
      "config.routes: 10.244.2.0/24 is the pod CIDR of node node2 in config.pods.nodes"),
+    (_pods(encryption={"device": "eth0"}), "config.pods.encryption.device: eth0 is the underlay or the VXLAN device"),
+    (_pods(encryption={"device": "kln_wg0", "strict": "yes"}), "config.pods.encryption.strict: must be true or false"),
+    (_pods(encryption={"dev": "kln_wg0"}), "config.pods.encryption: unknown field(s) dev"),
     (dict(_pods(), objects=[{"name": "sock_lb"}, {"name": "lxc"}]),
      "config.objects[1].name: BPF host routing needs both objects host and lxc (host is missing)"),
     ({"objects": [{"name": "host", "targets": {"devices": ["eth0"]}}, {"name": "lxc"}]},
