@@ -22,6 +22,13 @@
 
 #define NSEC_PER_SEC 1000000000ULL
 
+/* Map pinning: none by default (the loader pins by name); PIN_BY_NAME=1 for libbpf loaders. */
+#ifdef KLN_PIN_BY_NAME
+#define KLN_PINNING __uint(pinning, LIBBPF_PIN_BY_NAME);
+#else
+#define KLN_PINNING
+#endif
+
 #ifndef __always_inline
 #define __always_inline inline __attribute__((always_inline))
 #endif

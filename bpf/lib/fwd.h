@@ -21,12 +21,6 @@
 #include <linux/ip.h>
 #include <linux/pkt_cls.h>
 
-#ifndef KLN_PIN_BY_NAME
-#define KLN_FWD_PINNING
-#else
-#define KLN_FWD_PINNING __uint(pinning, LIBBPF_PIN_BY_NAME);
-#endif
-
 #ifndef ENDPOINTS4_MAP_SIZE
 #define ENDPOINTS4_MAP_SIZE 65536
 #endif
@@ -42,7 +36,7 @@ struct {
 	__type(value, struct ep_info);
 	__uint(max_entries, ENDPOINTS4_MAP_SIZE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	KLN_FWD_PINNING
+	KLN_PINNING
 } kln_endpoints4 SEC(".maps");
 
 struct {
@@ -51,7 +45,7 @@ struct {
 	__type(value, struct cidr_info);
 	__uint(max_entries, POD_CIDR4_MAP_SIZE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	KLN_FWD_PINNING
+	KLN_PINNING
 } kln_pod_cidr4 SEC(".maps");
 
 #define IP_TTL_OFF (ETH_HLEN + __builtin_offsetof(struct iphdr, ttl))

@@ -49,12 +49,6 @@
 #define LB_MAGLEV_MAP_SIZE (64 * 2 * 16381)
 #endif
 
-#ifdef KLN_PIN_BY_NAME
-#define KLN_PINNING __uint(pinning, LIBBPF_PIN_BY_NAME);
-#else
-#define KLN_PINNING
-#endif
-
 /* Hash maps written by userspace use BPF_F_NO_PREALLOC: a replaced element is
  * freed only after an RCU grace period, so a program that looked it up keeps a
  * consistent copy (preallocated hash elements are recycled at once). */

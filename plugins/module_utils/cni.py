@@ -59,7 +59,7 @@ PORTS_ANNOTATION = "netstack.kldload.io/ports"
 POD_ANNOTATIONS = "io.kubernetes.cri.pod-annotations"
 VALID_ATTACHMENTS = "cni.dev/valid-attachments"
 DATAPLANE_CONFIG = "/etc/kldload-netstack/dataplane.json"
-ENDPOINT_LINKS = "endpoints"     # <pin root>/<object>/endpoints/<container id>-<ifname>-<program>: endpoint links
+ENDPOINT_LINKS = loader.ENDPOINT_LINKS   # <pin root>/<object>/endpoints/<container id>-<ifname>-<program>
 
 # Error codes of the CNI specification (1.1, "Error codes"); 100 and up are the plugin's own.
 E_INCOMPATIBLE_VERSION = 1

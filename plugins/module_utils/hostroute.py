@@ -75,14 +75,19 @@ def endpoint_entries(rec):
         return {}
     if mac is None or host_mac is None:
         return {}
-    out = {}
+    return dict((k, EP_VALUE.pack(ifindex, mac, host_mac)) for k in _ep_keys(rec))
+
+
+def _ep_keys(rec):
+    """The kln_endpoints4 keys of a record's IPv4 addresses."""
+    out = []
     for a in rec.get("ips") or []:
         try:
             ip = ipaddress.ip_interface(u"%s" % a).ip
         except ValueError:
             continue
         if ip.version == 4:
-            out[EP_KEY.pack(ip.packed)] = EP_VALUE.pack(ifindex, mac, host_mac)
+            out.append(EP_KEY.pack(ip.packed))
     return out
 
 
@@ -171,10 +176,5 @@ def remove_endpoint(globals_dir, rec):
     if not os.path.exists(path) or not isinstance(rec, dict):
         return
     with bpfsys.obj_get(path) as fd:
-        for a in rec.get("ips") or []:
-            try:
-                ip = ipaddress.ip_interface(u"%s" % a).ip
-            except ValueError:
-                continue
-            if ip.version == 4:
-                bpfsys.map_delete(fd, EP_KEY.pack(ip.packed))
+        for k in _ep_keys(rec):
+            bpfsys.map_delete(fd, k)

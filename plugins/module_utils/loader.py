@@ -44,6 +44,7 @@ DEFAULT_PIN_PATH = "/sys/fs/bpf/kldload-netstack"
 GLOBALS = mf.GLOBALS
 GLOBALS_NEXT = "globals_next"
 LINKS = "links"
+ENDPOINT_LINKS = "endpoints"    # <object>/endpoints/: the per-pod links netstack-cni pins (cni.py)
 MAPS = "maps"
 PROGS_PREFIX = "progs_"
 STAGING = "staging"
@@ -661,8 +662,9 @@ def unpin_link(pin):
 def remove_object(objdir):
     """Unpin one object: links first (detached), then programs, then its private maps."""
     cur = _inspect_object(objdir)
-    for pin in sorted(cur["links"]):
-        unpin_link(pin)
+    eps = os.path.join(objdir, ENDPOINT_LINKS)
+    for pin in sorted(cur["links"]) + sorted(os.path.join(eps, n) for n in (os.listdir(eps) if os.path.isdir(eps) else [])):
+        unpin_link(pin)     # detached now: an unpinned link lingers until the kernel frees it
     for d in sorted(cur["progs"]):
         _rmtree_bpffs(os.path.join(objdir, d))
     _rmtree_bpffs(objdir)
