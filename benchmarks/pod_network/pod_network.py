@@ -4,10 +4,12 @@
 rate, pod-to-pod in tunnel (VXLAN) and native routing mode, each with BPF host routing (the default:
 tc programs forward pod packets) and with legacy host routing (the host's IP stack forwards them),
 against node-to-node on the same underlay (the limit), and pod-to-service through the socket LB
-against pod-to-pod. One run, figures side by side.
+against pod-to-pod; with WireGuard encryption (netstack_encryption=wireguard, the backend the nodes
+have) pod-to-pod again, with the CPU per Gbit/s beside the unencrypted figures, and the time from a
+peer applied to its first handshake. One run, figures side by side.
 
   benchmarks/pod_network/run [--quick] [--seconds N] [--connections N] [--inventory PATH] [--json]
-                             [--host-routing bpf,legacy]
+                             [--host-routing bpf,legacy] [--encryption none,wireguard]
 
 Needs the lab up with install.yml applied (make lab-up install). It switches the routing mode and
 host routing with install.yml (-e netstack_routing_mode=... -e netstack_host_routing=...) and leaves
@@ -104,6 +106,34 @@ def conn_rate(lab, server, client, target, port, count, start_server=True):
             lab.sh(server[0], "kill %s" % pid, check=False)
 
 
+HANDSHAKE = r"""
+import subprocess, sys, time
+dev, pub = sys.argv[1], sys.argv[2]
+line = [l.split("\t") for l in subprocess.run(["wg", "show", dev, "dump"], capture_output=True, text=True,
+                                                check=True).stdout.splitlines()[1:] if l.startswith(pub)][0]
+subprocess.run(["wg", "set", dev, "peer", pub, "remove"], check=True)
+t0 = time.monotonic()
+subprocess.run(["wg", "set", dev, "peer", pub, "endpoint", line[2], "allowed-ips", line[3],
+                "persistent-keepalive", line[7]], check=True)
+while time.monotonic() - t0 < 10:
+    hs = subprocess.run(["wg", "show", dev, "latest-handshakes"], capture_output=True, text=True).stdout
+    if any(f[0] == pub and f[1] != "0" for f in (l.split("\t") for l in hs.splitlines())):
+        break
+    time.sleep(0.005)
+print("%.4f" % (time.monotonic() - t0))
+"""
+
+
+def first_handshake(lab, a, b, reps):
+    """Seconds from node a's peer b applied (removed and added again with wg) to its first handshake."""
+    pub_b = lab.sh(b, "cat /var/lib/kldload-netstack/wireguard/kln_wg0/public.key").strip()
+    out = []
+    for _rep in range(reps):
+        out.append(float(lab.sh(a, "python3 -c %s kln_wg0 %s" % (shlex.quote(HANDSHAKE), shlex.quote(pub_b)))))
+        time.sleep(1)
+    return out
+
+
 def measure(lab, mode, args, rows, host_routing="bpf"):
     a, b = lab.nodes[0], lab.nodes[1]
     pa = [p for p in lab.pods(a) if p["namespace"] == "demo"][0]
@@ -119,6 +149,9 @@ def measure(lab, mode, args, rows, host_routing="bpf"):
     cases = [("node-to-node (underlay)", (b, None), (a, None), under_b, SERVER_PORT, True, True),
              ("pod-to-pod %s" % tag, (b, pb["netns"]), (a, pa["netns"]), ip_b, 8080, False, True),
              ("pod-to-service %s" % tag, (b, pb["netns"]), (a, pa["netns"]), SERVICE_VIP, 80, False, False)]
+    if mode == "wireguard":     # WireGuard is the tunnel in either routing mode: pod-to-pod once
+        cases = cases[:2]
+        cases[1] = ("pod-to-pod wireguard (%s backend)" % host_routing,) + cases[1][1:]
     for name, server, client, target, port, start, with_iperf in cases:
         # node-to-node is measured in both passes (it does not depend on the mode): the limit is the
         # median of all its runs, so a quieter or busier moment of the machine weighs on both sides
@@ -149,7 +182,11 @@ def main(argv=None):
     ap.add_argument("--inventory", default="/var/lib/kldload-netstack/lab/inventory.yml")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--host-routing", default="bpf,legacy", help="which host routing to measure (bpf, legacy)")
+    ap.add_argument("--encryption", default="none,wireguard", help="unencrypted (none) and/or with WireGuard")
     args = ap.parse_args(argv)
+    encs = [e for e in args.encryption.split(",") if e]
+    if not encs or any(e not in ("none", "wireguard") for e in encs):
+        raise SystemExit("--encryption: a list of none and wireguard, got %r" % args.encryption)
     kinds = [k for k in args.host_routing.split(",") if k]
     if not kinds or any(k not in ("bpf", "legacy") for k in kinds):
         raise SystemExit("--host-routing: a list of bpf and legacy, got %r" % args.host_routing)
@@ -159,22 +196,32 @@ def main(argv=None):
     if len(lab.nodes) < 2:
         raise SystemExit("needs two kube nodes")
     rows = {}
+    handshakes = []
     try:
-        for mode in ("native", "tunnel"):
+        for mode in ("native", "tunnel") if "none" in encs else ():
             for kind in kinds:
                 lab.playbook("-e", "netstack_routing_mode=%s" % mode, "-e", "netstack_host_routing=%s" % kind)
                 measure(lab, mode, args, rows, kind)
+        if "wireguard" in encs:
+            lab.playbook("-e", "netstack_encryption=wireguard", "-e", "netstack_routing_mode=native")
+            backend = json.loads(lab.sh(lab.nodes[0], "netstack encrypt status --json"))["backend"]
+            measure(lab, "wireguard", args, rows, backend)
+            handshakes = first_handshake(lab, lab.nodes[0], lab.nodes[1], 1 if args.quick else 5)
     finally:
-        lab.playbook()      # back to the inventory's mode
+        lab.playbook()      # back to the inventory's mode, encryption off
     base = rows["node-to-node (underlay)"]
-    print("\n%-32s %12s %8s %8s %12s %8s" % ("", "Gbit/s", "ratio", "CPU %", "conn/s", "ratio"))
+    print("\n%-40s %12s %8s %8s %10s %12s %8s" % ("", "Gbit/s", "ratio", "CPU %", "CPU%/Gbit", "conn/s", "ratio"))
     for name, r in rows.items():
-        g = "%12.2f %7.3fx %8.1f" % (r["gbit"], r["gbit"] / base["gbit"], r["cpu"]) if r["gbit"] else " " * 30
+        g = ("%12.2f %7.3fx %8.1f %10.1f" % (r["gbit"], r["gbit"] / base["gbit"], r["cpu"], r["cpu"] / r["gbit"])
+             if r["gbit"] else " " * 41)
         ref = rows[name.replace("service", "pod")] if "service" in name else base
         note = "  (against pod-to-pod)" if "service" in name else ""
-        print("%-32s %s %12.0f %7.3fx%s" % (name, g, r["conn_per_s"], r["conn_per_s"] / ref["conn_per_s"], note))
+        print("%-40s %s %12.0f %7.3fx%s" % (name, g, r["conn_per_s"], r["conn_per_s"] / ref["conn_per_s"], note))
+    if handshakes:
+        print("\npeer applied -> first handshake: median %.3f s, max %.3f s (%d runs; target <= 1 s)"
+              % (statistics.median(handshakes), max(handshakes), len(handshakes)))
     if args.json:
-        print(json.dumps(rows, indent=1, sort_keys=True))
+        print(json.dumps(dict(rows, first_handshake_s=handshakes), indent=1, sort_keys=True))
     bad = [n for n, r in rows.items() if not r["conn_per_s"] or (r["gbit"] is not None and r["gbit"] <= 0)]
     if bad:
         raise SystemExit("no traffic in: %s" % ", ".join(bad))

@@ -183,17 +183,34 @@ def normalize(pods, where="config.pods"):
     _keys(cni, ("conflist", "bin_dir"), where + ".cni")
     enc = pods.get("encryption")
     if enc is not None:
-        _keys(enc, ("device", "strict"), where + ".encryption")
-        if not isinstance(enc.get("strict", False), bool):
-            raise PodError("%s.encryption.strict: must be true or false" % where)
-        enc = {"device": _ifname(enc.get("device"), where + ".encryption.device"), "strict": enc.get("strict", False)}
-        if enc["device"] in (underlay_if, vxlan["device"]):
-            raise PodError("%s.encryption.device: %s is the underlay or the VXLAN device" % (where, enc["device"]))
+        enc = _encryption(enc, where + ".encryption", (underlay_if, vxlan["device"]))
     return {"cidr": str(cidr), "routing_mode": mode, "underlay_interface": underlay_if, "encryption": enc,
             "underlay_ip": str(underlay_ip), "mtu": mtu, "vxlan": vxlan,
             "nodes": sorted(out_nodes, key=lambda n: n["name"]), "service_cidr": str(svc), "masquerade": masq,
             "cni": {"conflist": _path(cni.get("conflist", CONFLIST), where + ".cni.conflist"),
                     "bin_dir": _path(cni.get("bin_dir", BIN_DIR), where + ".cni.bin_dir")}}
+
+
+def _encryption(enc, where, taken):
+    """config.pods.encryption in canonical form: {device, standby, strict, node_to_node, fwmark}."""
+    _keys(enc, ("device", "standby", "strict", "node_to_node", "fwmark"), where)
+    for f in ("strict", "node_to_node"):
+        if not isinstance(enc.get(f, False), bool):
+            raise PodError("%s.%s: must be true or false" % (where, f))
+    out = {"device": _ifname(enc.get("device"), where + ".device"), "strict": enc.get("strict", False),
+           "standby": _ifname(enc["standby"], where + ".standby") if enc.get("standby") else None,
+           "node_to_node": enc.get("node_to_node", False), "fwmark": enc.get("fwmark") or 0}
+    for f in ("device", "standby"):
+        if out[f] in taken:
+            raise PodError("%s.%s: %s is the underlay or the VXLAN device" % (where, f, out[f]))
+    if out["standby"] == out["device"]:
+        raise PodError("%s.standby: %s is the device itself" % (where, out["standby"]))
+    fw = out["fwmark"]
+    if isinstance(fw, bool) or not isinstance(fw, int) or not 0 <= fw <= 0xffffffff:
+        raise PodError("%s.fwmark: %r is not a 32-bit mark" % (where, fw))
+    if out["node_to_node"] and not fw:
+        raise PodError("%s.fwmark: node_to_node needs the mark of the device's own packets (the rule skips them)" % where)
+    return out
 
 
 def vxlan_mac(underlay_ip):
@@ -231,12 +248,32 @@ def wanted_routes(pods):
         # into the WireGuard device; it picks the peer by the destination (allowed IPs), the gateway only
         # names the node (onlink: the device has no address of that network); the node's own packets leave
         # from its underlay address, which is what the peer allows besides this node's pods
-        return [{"dst": n["pod_cidr"], "via": n["underlay_ip"], "dev": pods["encryption"]["device"], "onlink": True,
-                 "src": pods["underlay_ip"]} for n in pods["nodes"]]
+        enc = pods["encryption"]
+        out = [{"dst": n["pod_cidr"], "via": n["underlay_ip"], "dev": enc["device"], "onlink": True,
+                "src": pods["underlay_ip"]} for n in pods["nodes"]]
+        if enc["node_to_node"]:
+            # the nodes' own traffic to each other, in the dataplane's table (wanted_rules() leads there every
+            # packet but the device's own, which carry its mark and so still leave by the underlay)
+            out += [{"dst": n["underlay_ip"] + "/32", "via": n["underlay_ip"], "dev": enc["device"], "onlink": True,
+                     "src": pods["underlay_ip"], "table": routes.OWN_TABLE} for n in pods["nodes"]]
+        return out
     if pods["routing_mode"] == "tunnel":
         return [{"dst": n["pod_cidr"], "via": gateway(n["pod_cidr"]), "dev": pods["vxlan"]["device"], "onlink": True}
                 for n in pods["nodes"]]
     return [{"dst": n["pod_cidr"], "via": n["underlay_ip"], "dev": pods["underlay_interface"]} for n in pods["nodes"]]
+
+
+NODE_RULE_PRIORITY = 30000     # before the main table (32766)
+
+
+def wanted_rules(pods):
+    """The rules the dataplane owns (routes.normalize_rules() form): with node-to-node encryption, every
+    packet without the WireGuard device's mark looks up the dataplane's table first."""
+    enc = (pods or {}).get("encryption")
+    if not enc or not enc["node_to_node"]:
+        return []
+    return routes.normalize_rules([{"priority": NODE_RULE_PRIORITY, "table": routes.OWN_TABLE, "fwmark": enc["fwmark"],
+                                    "invert": True}])
 
 
 def cluster_cidrs(pods):
@@ -307,8 +344,9 @@ def _nft_chains(pods):
         remote = [str(n) for n in ipaddress.collapse_addresses(ipaddress.ip_network(x["pod_cidr"]) for x in pods["nodes"])]
         # before routing, on what routing would do (fib): no route, or a route by another device, is a drop
         out.append(("prerouting", "filter", "prerouting", "filter",
-                    "ip saddr %s ip daddr { %s } fib daddr oifname != \"%s\" counter drop"
-                    % (pods["cidr"], ", ".join(remote), enc["device"])))
+                    "ip saddr %s ip daddr { %s } fib daddr oifname != { %s } counter drop"
+                    % (pods["cidr"], ", ".join(remote), ", ".join('"%s"' % d for d in sorted(
+                        [enc["device"]] + ([enc["standby"]] if enc.get("standby") else []))))))
     return out
 
 
@@ -558,7 +596,7 @@ def _apply(pods, static_routes=None, bundle=None, check=False, module=None):
             if tunnel:
                 _device(ipr, pods, before["device"], probe, mtu, check, changes, created)
             # 3. routes (both modes, and the configuration's own)
-            route_changes = _routes_sync(wanted, check)
+            route_changes = _routes_sync(wanted, check, wanted_rules(pods))
             # 4. no tunnel: the device goes (its routes, neighbours and fdb with it)
             dev_gone = [d for d in ([before["device"]] if not tunnel else []) + [other] if d]
             for d in dev_gone:
@@ -591,8 +629,8 @@ def _apply(pods, static_routes=None, bundle=None, check=False, module=None):
             "before": _public(before), "after": _public(after)}
 
 
-def _routes_sync(wanted, check):
-    return routes.sync(wanted, check=check)
+def _routes_sync(wanted, check, rules=None):
+    return routes.sync(wanted, check=check, rules=rules)
 
 
 def _device(ipr, pods, have, probe, mtu, check, changes, created):
@@ -741,22 +779,26 @@ def _remove_named(pods, static_routes, check, module):
 
 def status(pods):
     """The pod network now: {enabled, mode, cidr, mtu, device (state or None), routes (the pod routes
-    the node has), neighbours, fdb, masquerade (table present), conflist (path or None)}."""
+    the node has), rules (the rules wanted, each with present), neighbours, fdb, masquerade (table present),
+    conflist (path or None)}."""
     st = read(pods)
     from pyroute2 import IPRoute
     with IPRoute() as ipr:
         have = routes.read(ipr)
         under = _link(ipr, pods["underlay_interface"]) if pods else None
+        have_rules = routes.read_rules(ipr)
     pod_routes = []
     for r in wanted_routes(pods):
-        h = have.get(r["dst"])
-        pod_routes.append({"dst": r["dst"], "via": h[0] if h else None, "dev": h[2] if h else None,
-                           "present": bool(h and h[0] == r["via"] and h[1] == routes.RTPROT_NETSTACK)})
+        h = have.get(routes.key(r))
+        pod_routes.append(dict({"dst": r["dst"], "via": h[0] if h else None, "dev": h[2] if h else None,
+                                "present": bool(h and h[0] == r["via"] and h[1] == routes.RTPROT_NETSTACK)},
+                               **({"table": r["table"]} if r.get("table") else {})))
+    rules = [dict(r, present=r in have_rules) for r in wanted_rules(pods)]
     dev = _public(st)["device"]
     return {"enabled": pods is not None, "mode": pods["routing_mode"] if pods else None,
             "cidr": pods["cidr"] if pods else None,
             "mtu": pod_mtu(pods, under.get_attr("IFLA_MTU")) if under is not None else None, "device": dev,
-            "routes": pod_routes, "neighbours": st["neighbours"], "fdb": st["fdb"],
+            "routes": pod_routes, "rules": rules, "neighbours": st["neighbours"], "fdb": st["fdb"],
             "masquerade": bool(st["nft"]) and ["postrouting", "nat", "postrouting", "accept"] in st["nft"]["chains"],
             "encryption": pods.get("encryption") if pods else None,
             "strict_drops": strict_drops() if pods and (pods.get("encryption") or {}).get("strict") else None,

@@ -247,7 +247,7 @@ def normalize(cfg):
     name, listen_port, private_key_file, backend, mtu (0: auto), underlay_interface, extra_overhead,
     peers [{public_key, endpoint, allowed_ips (sorted networks), persistent_keepalive, name}]."""
     known = set(["name", "listen_port", "private_key_file", "backend", "mtu", "underlay_interface",
-                 "extra_overhead", "peers"])
+                 "extra_overhead", "peers", "fwmark"])
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise WgError("config: unknown field(s) %s" % ", ".join(unknown))
@@ -268,6 +268,10 @@ def normalize(cfg):
         raise WgError("underlay_interface: required for mtu 0 (the MTU is the underlay's minus %d)" % OVERHEAD)
     if out["underlay_interface"]:
         check_name(out["underlay_interface"], "underlay_interface")
+    fwmark = cfg.get("fwmark") or 0
+    if isinstance(fwmark, bool) or not isinstance(fwmark, int) or not 0 <= fwmark <= 0xffffffff:
+        raise WgError("fwmark: %r is not 0 (off) or a 32-bit mark" % (fwmark,))
+    out["fwmark"] = fwmark
     if not isinstance(out["extra_overhead"], int) or not 0 <= out["extra_overhead"] <= 1000:
         raise WgError("extra_overhead: %r is not 0-1000" % (out["extra_overhead"],))
     peers = cfg.get("peers") or []
@@ -354,7 +358,8 @@ def read(name):
     lines = out.splitlines()
     head = lines[0].split("\t") if lines else []
     st = {"backend": backend, "link": link, "public_key": None if len(head) < 2 or head[1] == "(none)" else head[1],
-          "listen_port": int(head[2]) if len(head) > 2 and head[2].isdigit() else 0, "peers": {}}
+          "listen_port": int(head[2]) if len(head) > 2 and head[2].isdigit() else 0,
+          "fwmark": int(head[3], 16) if len(head) > 3 and head[3] not in ("off", "") else 0, "peers": {}}
     for line in lines[1:]:
         f = line.split("\t")
         if len(f) < 8:
@@ -436,6 +441,9 @@ def plan(cfg, have, own_public, mtu):
     if (have or {}).get("listen_port") != cfg["listen_port"]:
         changes.append("listen on UDP %d" % cfg["listen_port"])
         args += ["listen-port", str(cfg["listen_port"])]
+    if (have or {}).get("fwmark", 0) != cfg.get("fwmark", 0):
+        changes.append("mark its own packets %s" % ("0x%x" % cfg["fwmark"] if cfg.get("fwmark") else "off"))
+        args += ["fwmark", "0x%x" % cfg["fwmark"] if cfg.get("fwmark") else "off"]
     want = dict((p["public_key"], p) for p in cfg["peers"])
     for pub in sorted(set(peers) - set(want)):
         changes.append("remove peer %s" % pub)
@@ -552,7 +560,7 @@ def apply(cfg, check=False, module=None, persist=False):
         raise WgError("private_key_file: %s has mode %04o; it must be 0600" % (key_file, mode))
     own = public_key(_read_key_file(key_file, "private_key_file"))
     if own in [p["public_key"] for p in cfg["peers"]]:
-        raise WgError("peers: %s is this node's own public key" % own)
+        raise WgError("peers: %s is this node's own public key (two nodes with the same key)" % own)
     have = read(cfg["name"])
     if have is not None and have["backend"] == "other":
         raise WgError("name: %s exists and is not a WireGuard device (kind %s)" % (cfg["name"], have["link"]["kind"]))
@@ -619,7 +627,8 @@ def status(name, now=None):
               "handshake_age": int(now - v["latest_handshake"]) if v["latest_handshake"] else None,
               "rx_bytes": v["rx_bytes"], "tx_bytes": v["tx_bytes"]} for k, v in sorted(st["peers"].items())]
     return {"interface": name, "backend": st["backend"], "public_key": st["public_key"],
-            "listen_port": st["listen_port"], "mtu": st["link"]["mtu"], "peer_count": len(peers), "peers": peers}
+            "listen_port": st["listen_port"], "fwmark": st.get("fwmark", 0), "mtu": st["link"]["mtu"],
+            "peer_count": len(peers), "peers": peers}
 
 
 def format_status(st):
@@ -627,6 +636,7 @@ def format_status(st):
         return "encryption: off (no WireGuard device)"
     lines = ["encryption: wireguard", "interface: %s (%s backend, mtu %s)" % (st["interface"], st["backend"], st["mtu"]),
              "public key: %s" % st["public_key"], "listening port: %s" % st["listen_port"],
+             "fwmark: %s" % ("0x%x" % st["fwmark"] if st.get("fwmark") else "off"),
              "peers: %d" % st["peer_count"]]
     for p in st["peers"]:
         hs = "never" if p["handshake_age"] is None else "%ds ago" % p["handshake_age"]

@@ -211,6 +211,22 @@ options:
             description: Drop cross-node pod traffic that would leave unencrypted.
             type: bool
             default: false
+          standby:
+            description:
+              - A second WireGuard device that strict mode lets traffic into too (the key rotation moves the routes
+                into it for a while, C(playbooks/rotate_keys.yml)); it need not exist.
+            type: str
+          node_to_node:
+            description:
+              - Also the nodes' own traffic to the other nodes' underlay addresses goes into the device - routes in
+                table 220, reached by a rule (priority 30000) for every packet without O(pods.encryption.fwmark), the
+                mark of the device's own packets, which so still leave by the underlay.
+            type: bool
+            default: false
+          fwmark:
+            description: The mark the WireGuard device gives its own packets (the C(fwmark) of M(kldload.netstack.wireguard_device)).
+            type: int
+            default: 0
       cni:
         description: Where the CNI network configuration goes.
         type: dict
@@ -403,6 +419,9 @@ def main():
             encryption=dict(type="dict", options=dict(
                 device=dict(type="str", required=True),
                 strict=dict(type="bool", default=False),
+                standby=dict(type="str"),
+                node_to_node=dict(type="bool", default=False),
+                fwmark=dict(type="int", default=0),
             )),
             cni=dict(type="dict", options=dict(
                 conflist=dict(type="path", default="/etc/cni/net.d/05-kldload-netstack.conflist"),

@@ -60,6 +60,13 @@ options:
     description: Bytes to leave for what is carried inside the device besides IP (50 for VXLAN).
     type: int
     default: 0
+  fwmark:
+    description:
+      - The firewall mark of the device's own (encrypted) packets; V(0) - none. With node-to-node encryption the
+        rule that sends the other nodes' addresses into the device skips packets with this mark, so the encrypted
+        packets to those same addresses leave by the underlay.
+    type: int
+    default: 0
   peers:
     description: Every peer of the device.
     type: list
@@ -175,6 +182,7 @@ def main():
         mtu=dict(type="int", default=0),
         underlay_interface=dict(type="str"),
         extra_overhead=dict(type="int", default=0),
+        fwmark=dict(type="int", default=0),
         peers=dict(type="list", elements="dict", default=[], options=dict(
             public_key=dict(type="str", required=True),
             endpoint=dict(type="str"),
@@ -192,7 +200,7 @@ def main():
             res = wireguard.remove(p["name"], check=module.check_mode, module=module)
             module.exit_json(changed=res["changed"], changes=res["changes"])
         fields = ("name", "listen_port", "private_key_file", "backend", "mtu", "underlay_interface", "extra_overhead",
-                  "peers")
+                  "fwmark", "peers")
         cfg = wireguard.normalize(dict((k, p[k]) for k in fields))
         res = wireguard.apply(cfg, check=module.check_mode, module=module, persist=p["restore_unit"])
     except (wireguard.WgError, ToolError, OSError, IOError) as e:

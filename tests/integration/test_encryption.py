@@ -5,6 +5,8 @@ mode drops and counts what would leave unencrypted when a node's device is down,
 the private key is 0600 and in no output."""
 import json
 import shlex
+import time
+from pathlib import Path
 
 import pytest
 
@@ -88,6 +90,26 @@ def test_pod_traffic_across_nodes_is_encrypted(encrypted, mode):
     assert MARKER not in dump
 
 
+def test_verify_names_the_node_and_the_peer_without_a_handshake(encrypted):
+    """A peer whose key is wrong (a stranger's, the endpoint and allowed IPs of a real node) never makes a
+    handshake: verify fails naming this node and that peer; the next install puts the right key back."""
+    lab = encrypted
+    run_playbook("playbooks/install.yml", *ON)
+    cp, w = lab.hosts()[0], lab.hosts()[1]
+    cp_ip = lab.hostvars[cp]["netstack_underlay_ip"]
+    peer = [p for p in json.loads(lab.sh(w, "netstack encrypt status --json").stdout)["peers"]
+            if p["endpoint"].startswith(cp_ip + ":")][0]
+    lab.sh(w, "wg set kln_wg0 peer %s remove peer $(wg genkey | wg pubkey) endpoint %s allowed-ips %s"
+           % (peer["public_key"], peer["endpoint"], ",".join(peer["allowed_ips"])))
+    proc = run_playbook("playbooks/verify.yml", *ON, check=False)
+    assert proc.returncode != 0
+    assert "%s: peers 2 (want 2), no handshake with %s (%s, never)" % (w, cp, peer["endpoint"]) in proc.stdout, \
+        proc.stdout[-3000:]
+    run_playbook("playbooks/install.yml", *ON)
+    verify = run_playbook("playbooks/verify.yml", *ON)
+    assert all(c == 0 for c in _recap(verify).values()), changed_tasks(verify)
+
+
 def test_strict_mode_drops_instead_of_leaking(encrypted):
     lab = encrypted
     strict = ON + ("-e", "netstack_encryption_strict=true", "-e", "netstack_routing_mode=native")
@@ -135,26 +157,165 @@ def _status_view(lab):
     return out
 
 
+KEYS = "/var/lib/kldload-netstack/wireguard/kln_wg0"
+
+
 @pytest.mark.parametrize("extra,message", [
     (("-e", "encryption_port=51999"), "listen_port: UDP 51999 is in use"),
     (("-e", "netstack_encryption_interface=kln_wireguard_0123"), "is not an interface name"),
-], ids=["port-in-use", "name-too-long"])
+    (("-e", "netstack_underlay_ip="), "encryption needs netstack_underlay_ip"),
+    ((), "the same key"),
+], ids=["port-in-use", "name-too-long", "no-underlay-address", "two-nodes-same-key"])
 def test_bad_input_changes_nothing(encrypted, extra, message):
     """Refused naming the field; the running tunnel untouched."""
     lab = encrypted
     run_playbook("playbooks/install.yml", *ON)
     before = _status_view(lab)
     pids = {}
+    a, b = lab.hosts()[1:3]
     if "port" in message:
         for h in lab.hosts():       # something else holds the port on every node
             pids[h] = lab.sh(h, "nohup python3 -c 'import socket, time; s = socket.socket(socket.AF_INET, "
                                 "socket.SOCK_DGRAM); s.bind((\"0.0.0.0\", 51999)); time.sleep(300)' "
                                 ">/dev/null 2>&1 & echo $!").stdout.strip()
+    if "same key" in message:       # node a holds a copy of node b's key pair (its own kept aside)
+        lab.sh(a, "cp -a %s /run/netstack-test-keys" % KEYS)
+        for f in ("private.key", "public.key"):
+            lab.put(a, "%s/%s" % (KEYS, f), lab.sh(b, "cat %s/%s" % (KEYS, f)).stdout.strip(), mode="0600")
     try:
         proc = run_playbook("playbooks/install.yml", *(ON + extra), check=False)
     finally:
         for h, pid in pids.items():
             lab.sh(h, "kill %s" % pid, check=False)
+        if "same key" in message:
+            lab.sh(a, "rm -rf %s && mv /run/netstack-test-keys %s" % (KEYS, KEYS))
     assert proc.returncode != 0
     assert message in proc.stdout, proc.stdout[-3000:]
     assert _status_view(lab) == before
+
+
+# ---- node-to-node encryption ----------------------------------------------------------------------
+
+N2N = ON + ("-e", "netstack_encryption_node_to_node=true", "-e", "netstack_routing_mode=native")
+
+
+def test_node_to_node_traffic_is_encrypted_too(encrypted):
+    """With node-to-node on, a node's own request to another node's address crosses the underlay as
+    WireGuard only (the rule skips the device's own marked packets, which still reach the peer); four
+    times; off again, the rule and table 220 go and the same capture shows the marker."""
+    lab = encrypted
+    check = run_playbook("playbooks/install.yml", *N2N, "--check")
+    assert any(c > 0 for c in _recap(check).values())
+    run_playbook("playbooks/install.yml", *N2N)
+    again = run_playbook("playbooks/install.yml", *N2N)
+    assert all(c == 0 for c in _recap(again).values()), changed_tasks(again)
+    check = run_playbook("playbooks/install.yml", *N2N, "--check")
+    assert all(c == 0 for c in _recap(check).values()), changed_tasks(check)
+    a, b = lab.hosts()[:2]
+    b_ip = lab.hostvars[b]["netstack_underlay_ip"]
+    assert "not from all fwmark 0x1e00 lookup 220 proto 220" in lab.sh(a, "ip rule").stdout
+    assert "%s via %s dev kln_wg0" % (b_ip, b_ip) in lab.sh(a, "ip route show table 220").stdout
+    st = json.loads(lab.sh(a, "netstack dataplane status --json").stdout)["pods"]
+    assert st["rules"] == [{"priority": 30000, "table": 220, "fwmark": 7680, "invert": True, "present": True}]
+    assert all(r["present"] for r in st["routes"])
+    server = ("nohup python3 -c 'import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+              "s.bind((\"%s\", 18777)); s.listen(8)\nwhile True:\n c, _ = s.accept(); c.sendall(c.recv(200)); c.close()' "
+              ">/dev/null 2>&1 & echo $!" % b_ip)
+    code = ("import socket; s = socket.create_connection(('%s', 18777), 4); s.sendall(b'%s'); print(s.recv(200).decode())"
+            % (b_ip, MARKER))
+    pid = lab.sh(b, server).stdout.strip()
+    try:
+        out = {}
+        lines, dump = _captured(lab, b, lambda: out.update(r=lab.sh(a, "python3 -c %s" % shlex.quote(code)).stdout))
+        assert out["r"].strip() == MARKER
+        assert lines and all(".51871 " in ln and "UDP" in ln for ln in lines), [ln for ln in lines if ".51871 " not in ln][:5]
+        assert MARKER not in dump
+        run_playbook("playbooks/install.yml", *ON, "-e", "netstack_routing_mode=native")      # node-to-node off
+        assert "lookup 220" not in lab.sh(a, "ip rule").stdout and not lab.sh(a, "ip route show table 220").stdout.strip()
+        lines, dump = _captured(lab, b, lambda: out.update(r=lab.sh(a, "python3 -c %s" % shlex.quote(code)).stdout))
+        assert out["r"].strip() == MARKER and MARKER in dump      # the control: the nodes' traffic in plaintext
+    finally:
+        lab.sh(b, "kill %s" % pid, check=False)
+
+
+# ---- long-term key rotation -----------------------------------------------------------------------
+
+PROBE = (Path(__file__).resolve().parents[2] / "roles" / "dataplane" / "files" / "verify_probe.py").read_text()
+PROBE_PATH = "/run/netstack-test/verify_probe.py"
+STOP = "/run/netstack-test/stream.stop"
+
+
+class _Streams:
+    """Continuous cross-node pod traffic (verify_probe.py stream: a long-lived TCP connection, new TCP
+    connections, UDP datagrams with sequence numbers, 200 a second) from pod a to pod b."""
+
+    def __init__(self, lab, a, b):
+        self.lab, self.a, self.b = lab, a, b
+        for h in (a["host"], b["host"]):
+            lab.put(h, PROBE_PATH, PROBE, mode="0755")
+        self.srv = lab.sh(b["host"], "nohup nsenter --net=%s python3 %s stream-server --port 18900 --seconds 900 "
+                          ">/dev/null 2>&1 & echo $!" % (shlex.quote(b["netns"]), PROBE_PATH)).stdout.strip()
+        time.sleep(1)
+
+    def start(self):
+        self.lab.sh(self.a["host"], "rm -f %s /run/netstack-test/stream.json; nohup nsenter --net=%s python3 %s stream "
+                    "--target %s --port 18900 --rate 200 --stop-file %s --max-seconds 600 >/run/netstack-test/stream.json "
+                    "2>&1 &" % (STOP, shlex.quote(self.a["netns"]), PROBE_PATH, self.b["ip"], STOP))
+        time.sleep(2)
+
+    def stop(self):
+        self.lab.sh(self.a["host"], "touch %s; for i in $(seq 30); do sleep 1; test -s /run/netstack-test/stream.json "
+                    "&& break; done" % STOP)
+        return json.loads(self.lab.sh(self.a["host"], "cat /run/netstack-test/stream.json").stdout)
+
+    def close(self):
+        self.lab.sh(self.b["host"], "kill %s" % self.srv, check=False)
+
+
+def _keys(lab):
+    return {h: lab.sh(h, "cat /var/lib/kldload-netstack/wireguard/kln_wg0/public.key").stdout.strip() for h in lab.hosts()}
+
+
+def test_rotate_keys_loses_nothing(encrypted):
+    """rotate_keys.yml during continuous pod traffic between two nodes: 0 UDP datagrams lost, 0 TCP
+    errors or resets, every node's key new, the previous keys off the disk, the standby device gone,
+    install and verify changed=0 after; check mode changes no key; --limit is refused. The control: one
+    node's key rotated on its own (the naive way) breaks the same streams."""
+    lab = encrypted
+    run_playbook("playbooks/install.yml", *N2N)
+    before = _keys(lab)
+    check = run_playbook("playbooks/rotate_keys.yml", *N2N, "--check")
+    assert _keys(lab) == before and any(c > 0 for c in _recap(check).values())
+    limited = run_playbook("playbooks/rotate_keys.yml", *N2N, "--limit", lab.hosts()[0], check=False)
+    assert limited.returncode != 0 and "runs on every node of kube_nodes at once" in limited.stdout
+    pods = _pods(lab)
+    a, b = [pods[n] for n in sorted(pods)[:2]]
+    streams = _Streams(lab, a, b)
+    try:
+        streams.start()
+        rot = run_playbook("playbooks/rotate_keys.yml", *N2N, "-vvv")
+        res = streams.stop()
+        assert res["udp_sent"] > 1000 and res["tcp_messages"] > 1000 and res["connections"] > 100, res
+        assert res["udp_lost"] == 0 and res["tcp_errors"] == [] and res["connection_failures"] == [], res
+        after = _keys(lab)
+        assert all(after[h] != before[h] for h in before)
+        for h in lab.hosts():
+            assert lab.sh(h, "ls /var/lib/kldload-netstack/wireguard/kln_wg0/").stdout.split() == ["private.key", "public.key"]
+            assert lab.sh(h, "ip link show kln_wg0_r", check=False).returncode != 0
+            secret = lab.sh(h, "cat /var/lib/kldload-netstack/wireguard/kln_wg0/private.key").stdout.strip()
+            assert secret not in rot.stdout + rot.stderr
+        again = run_playbook("playbooks/install.yml", *N2N)
+        assert all(c == 0 for c in _recap(again).values()), changed_tasks(again)
+        verify = run_playbook("playbooks/verify.yml", *N2N)
+        assert all(c == 0 for c in _recap(verify).values()), changed_tasks(verify)
+        # the control: the naive way - one node's key rotated and applied there alone - loses traffic
+        streams.start()
+        lab.module(a["host"], "kldload.netstack.wireguard_key", {"rotate": True})
+        run_playbook("playbooks/install.yml", *N2N, "--limit", a["host"])
+        time.sleep(3)
+        res = streams.stop()
+        assert res["udp_lost"] > 0, res
+    finally:
+        streams.close()
+        run_playbook("playbooks/install.yml", *N2N)          # every node learns the new key again
+        lab.module(a["host"], "kldload.netstack.wireguard_key", {"retire_previous": True})

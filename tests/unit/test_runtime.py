@@ -241,7 +241,7 @@ def test_encryption_routes_into_the_wireguard_device_in_both_modes():
             {"dst": "10.244.3.0/24", "via": "192.168.1.13", "dev": "kln_wg0", "onlink": True, "src": "192.168.1.11"}]
         assert not podnet.tunnelled(p) and podnet.pod_mtu(p, 1500) == 1440
         text = podnet.nft_text(p)
-        assert 'ip saddr 10.244.1.0/24 ip daddr { 10.244.2.0/23 } fib daddr oifname != "kln_wg0" counter drop' in text
+        assert 'ip saddr 10.244.1.0/24 ip daddr { 10.244.2.0/23 } fib daddr oifname != { "kln_wg0" } counter drop' in text
         assert "masquerade" in text and podnet.nft_wanted(p)["chains"] == [
             ["postrouting", "nat", "postrouting", "accept"], ["prerouting", "filter", "prerouting", "accept"]]
     p = runtime.validate(_pods(masquerade=False, encryption={"device": "kln_wg0"}))["pods"]
@@ -249,6 +249,51 @@ def test_encryption_routes_into_the_wireguard_device_in_both_modes():
     assert sorted(hostroute._cidr_text(k, v) for k, v in hostroute.cidr_entries(p).items()) == [
         "10.244.1.0/24 (local)", "10.244.2.0/24 (encrypted: through the stack)",
         "10.244.3.0/24 (encrypted: through the stack)"]
+
+
+def test_node_to_node_encryption_routes_node_addresses_in_table_220_by_a_rule_and_standby_is_allowed():
+    enc = {"device": "kln_wg0", "strict": True, "standby": "kln_wg0_r", "node_to_node": True, "fwmark": 0x1e00}
+    p = runtime.validate(_pods(routing_mode="native", encryption=enc))["pods"]
+    assert podnet.wanted_routes(p)[2:] == [
+        {"dst": "192.168.1.12/32", "via": "192.168.1.12", "dev": "kln_wg0", "onlink": True, "src": "192.168.1.11", "table": 220},
+        {"dst": "192.168.1.13/32", "via": "192.168.1.13", "dev": "kln_wg0", "onlink": True, "src": "192.168.1.11", "table": 220}]
+    assert podnet.wanted_rules(p) == [{"priority": 30000, "table": 220, "fwmark": 0x1e00, "invert": True}]
+    # the rotation's standby device passes strict mode too, and swapping the two leaves the table's text alone
+    text = podnet.nft_text(p)
+    assert 'fib daddr oifname != { "kln_wg0", "kln_wg0_r" } counter drop' in text
+    swapped = runtime.validate(_pods(routing_mode="native", encryption=dict(enc, device="kln_wg0_r", standby="kln_wg0")))
+    assert podnet.nft_text(swapped["pods"]) == text
+    assert podnet.wanted_rules(dict(p, encryption=dict(p["encryption"], node_to_node=False))) == []
+    # a route in table 220 is its own place: the same destination in the main table is another route
+    cur = {"192.168.1.12/32 table 220": ("192.168.1.12", routes.RTPROT_NETSTACK, "kln_wg0", True, "192.168.1.11"),
+           "192.168.1.99/32 table 220": ("192.168.1.99", 3, "kln_wg0", True, None)}
+    add, replace, delete = routes.plan(cur, routes.normalize(podnet.wanted_routes(p)))
+    assert [routes.key(r) for r in add] == ["10.244.2.0/24", "10.244.3.0/24", "192.168.1.13/32 table 220"]
+    assert replace == [] and delete == [{"dst": "192.168.1.99/32", "via": "192.168.1.99", "table": 220}]   # the table is ours
+
+
+@pytest.mark.parametrize("enc, message", [
+    ({"device": "kln_wg0", "standby": "kln_wg0"}, "config.pods.encryption.standby: kln_wg0 is the device itself"),
+    ({"device": "kln_wg0", "node_to_node": True}, "config.pods.encryption.fwmark: node_to_node needs the mark"),
+    ({"device": "kln_wg0", "node_to_node": "yes"}, "config.pods.encryption.node_to_node: must be true or false"),
+    ({"device": "kln_wg0", "fwmark": -1}, "config.pods.encryption.fwmark: -1 is not a 32-bit mark"),
+    ({"device": "kln_wg0", "standby": "eth0"}, "config.pods.encryption.standby: eth0 is the underlay"),
+])
+def test_encryption_errors_name_the_field(enc, message):
+    with pytest.raises(runtime.ConfigError) as e:
+        runtime.validate(_pods(encryption=enc))
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("rules, message", [
+    ([{"priority": 0, "table": 220, "fwmark": 1}], "rules[0].priority: 0 is not 1-32765"),
+    ([{"priority": 30000, "table": 220}], "rules[0].fwmark: None is not"),
+    ([{"priority": 30000, "table": 220, "fwmark": 1, "to": "x"}], "rules[0]: must be a mapping"),
+])
+def test_rule_errors(rules, message):
+    with pytest.raises(routes.RouteError) as e:
+        routes.normalize_rules(rules)
+    assert message in str(e.value)
 
 
 def test_bpf_host_routing_is_the_host_and_lxc_objects():

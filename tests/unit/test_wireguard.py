@@ -132,6 +132,10 @@ try:
         out = wg.apply(wg.normalize(args["cfg"]), check=args.get("check", False))
     elif args["op"] == "read":
         out = wg.public_view(wg.read(args["name"]))
+    elif args["op"] == "routes":
+        from ansible_collections.kldload.netstack.plugins.module_utils import routes
+        out = {"changes": routes.sync(routes.normalize(args["routes"]), check=args.get("check", False),
+                                      rules=routes.normalize_rules(args["rules"]))}
     elif args["op"] == "status":
         out = {"status": wg.status(args["name"]), "text": wg.format_status(wg.status(args["name"]))}
     else:
@@ -281,3 +285,68 @@ def test_modules_never_show_the_private_key(pair):
         time.sleep(0.1)
     assert _in(ns, op="read", name=cfg["name"]) is None
     assert not os.path.exists(wg.uapi_socket(cfg["name"])), "wireguard-go still serves %s" % cfg["name"]
+
+
+def _udp_to_underlay(pair, marker):
+    """A UDP datagram carrying ``marker`` from a's underlay address to an echo server on b's, while tcpdump
+    records b's veth; (the echo, the capture's summary lines, its ASCII dump)."""
+    pcap = "/tmp/nsu-wg-%s.pcap" % uuid.uuid4().hex[:6]
+    dump = subprocess.Popen(["ip", "netns", "exec", pair["ns"][1], "tcpdump", "-i", pair["under"][1], "-nn", "-U",
+                             "-w", pcap, "ip"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    srv = subprocess.Popen(["ip", "netns", "exec", pair["ns"][1], sys.executable, "-c",
+                            "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                            "s.bind(('10.250.0.2', 7778)); print('up', flush=True)\n"
+                            "d, a = s.recvfrom(100); s.sendto(d, a)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout.readline().strip() == "up"
+        time.sleep(1)                                   # tcpdump listening
+        p = subprocess.run(["ip", "netns", "exec", pair["ns"][0], sys.executable, "-c",
+                            "import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                            "s.settimeout(5); s.sendto(%r, ('10.250.0.2', 7778)); sys.stdout.write(s.recv(100).decode())"
+                            % marker.encode()], capture_output=True, text=True, check=False, timeout=30)
+        time.sleep(1)
+    finally:
+        srv.kill()
+        srv.wait()
+        dump.terminate()
+        dump.wait()
+    lines = subprocess.run(["tcpdump", "-r", pcap, "-nn"], capture_output=True, text=True, check=False).stdout.splitlines()
+    text = subprocess.run(["tcpdump", "-r", pcap, "-nn", "-A"], capture_output=True, text=True, check=False).stdout
+    os.unlink(pcap)
+    return p.stdout, lines, text
+
+
+@needs_wg
+@pytest.mark.skipif(not shutil.which("tcpdump"), reason="tcpdump not installed")
+def test_node_to_node_through_the_device_by_a_rule_that_skips_its_own_marked_packets(pair):
+    """The other node's address routed into the device in table 220, a rule for every packet without the
+    device's mark: the nodes' own datagram crosses encrypted (the capture sees UDP 51871 only, never the
+    marker) while the device's packets to that same address leave by the veth; four times each; then the
+    routes and rule removed, the datagram is plaintext again (the control)."""
+    from ansible_collections.kldload.netstack.plugins.module_utils import routes
+    rule = [{"priority": 30000, "table": routes.OWN_TABLE, "fwmark": 0x1e00, "invert": True}]
+    for i in (0, 1):
+        ns, j = pair["ns"][i], 1 - i
+        cfg = _cfg(pair, i, peer_allowed=["10.250.0.%d/32" % (j + 1)], fwmark=0x1e00)
+        assert _in(ns, op="apply", cfg=cfg)["changed"]
+        assert _in(ns, op="status", name=cfg["name"])["status"]["fwmark"] == 0x1e00
+        want = [{"dst": "10.250.0.%d/32" % (j + 1), "via": "10.250.0.%d" % (j + 1), "dev": cfg["name"], "onlink": True,
+                 "src": "10.250.0.%d" % (i + 1), "table": routes.OWN_TABLE}]
+        check = _in(ns, op="routes", routes=want, rules=rule, check=True)["changes"]
+        assert check == ["add 10.250.0.%d/32 via 10.250.0.%d dev %s onlink src 10.250.0.%d table 220"
+                         % (j + 1, j + 1, cfg["name"], i + 1), "add rule 30000: not fwmark 0x1e00 lookup 220"]
+        assert "lookup 220" not in _ip("-n", ns, "rule").stdout                 # check mode made nothing
+        assert _in(ns, op="routes", routes=want, rules=rule)["changes"] == check
+        assert _in(ns, op="routes", routes=want, rules=rule)["changes"] == []
+        assert _in(ns, op="routes", routes=want, rules=rule, check=True)["changes"] == []
+        assert "not from all fwmark 0x1e00 lookup 220 proto 220" in _ip("-n", ns, "rule").stdout
+    echo, lines, text = _udp_to_underlay(pair, "NSU-NODE-MARKER")
+    assert echo == "NSU-NODE-MARKER"
+    assert lines and all(".51871 " in ln and "UDP" in ln for ln in lines), lines
+    assert "NSU-NODE-MARKER" not in text
+    for i in (0, 1):
+        changes = _in(pair["ns"][i], op="routes", routes=[], rules=[])["changes"]
+        assert [c.split(" ")[0] for c in changes] == ["delete", "delete"], changes
+        assert "lookup 220" not in _ip("-n", pair["ns"][i], "rule").stdout
+    echo, lines, text = _udp_to_underlay(pair, "NSU-NODE-MARKER")
+    assert echo == "NSU-NODE-MARKER" and "NSU-NODE-MARKER" in text           # the control: plaintext now

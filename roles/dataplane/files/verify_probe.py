@@ -11,6 +11,12 @@ for the duration of the checks and removes it after.
         test client; prints JSON {backends: {addr: n}, clients: [...], peers: [...], errors: {...}, flows, seconds}
   verify_probe.py pod add|delete NAME --cgroup-root DIR [--address A/32]
         a pod-like netns + cgroup on this node, for probes
+  verify_probe.py stream-server --port N [--seconds N]
+        echoes every TCP byte on long-lived connections and every UDP datagram, on one port
+  verify_probe.py stream --target IP --port N [--rate N] [--stop-file F] [--max-seconds S]
+        continuous traffic until F exists: one long-lived TCP connection (a message and its echo every
+        1/rate s), new TCP connections (rate/10 per second), UDP datagrams with sequence numbers (rate per
+        second); prints JSON {udp_sent, udp_lost, tcp_messages, tcp_errors, connections, connection_failures}
 """
 import argparse
 import json
@@ -179,6 +185,121 @@ def cmd_pod(args):
             os.rmdir(cg)
 
 
+def cmd_stream_server(args):
+    import threading
+
+    def serve(c):
+        c.settimeout(args.seconds)
+        try:
+            while True:
+                d = c.recv(4096)
+                if not d:
+                    break
+                c.sendall(d)
+        except OSError:
+            pass
+        c.close()
+
+    t = socket.socket(socket.AF_INET)
+    t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    t.bind(("0.0.0.0", args.port))
+    t.listen(512)
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(("0.0.0.0", args.port))
+
+    def udp():
+        while True:
+            d, a = u.recvfrom(2048)
+            u.sendto(d, a)
+    threading.Thread(target=udp, daemon=True).start()
+    t.settimeout(1)
+    end = time.time() + args.seconds
+    print("up", flush=True)
+    while time.time() < end:
+        try:
+            c, _a = t.accept()
+        except socket.timeout:
+            continue
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+
+def cmd_stream(args):
+    import threading
+    res = {"udp_sent": 0, "udp_lost": 0, "tcp_messages": 0, "tcp_errors": [], "connections": 0,
+           "connection_failures": []}
+    stop = threading.Event()
+    gap = 1.0 / args.rate
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.connect((args.target, args.port))
+    echoed = set()
+
+    def udp_rx():
+        u.settimeout(0.5)
+        while not (stop.is_set() and len(echoed) >= res["udp_sent"]):
+            try:
+                echoed.add(struct.unpack("!I", u.recv(64)[:4])[0])
+            except socket.timeout:
+                if stop.is_set():
+                    break
+            except OSError:
+                time.sleep(0.01)
+
+    def tcp_long():
+        try:
+            c = socket.create_connection((args.target, args.port), timeout=5)
+            n = 0
+            while not stop.is_set():
+                msg = struct.pack("!I", n) * 4
+                c.sendall(msg)
+                got = b""
+                while len(got) < len(msg):
+                    d = c.recv(len(msg) - len(got))
+                    if not d:
+                        raise OSError("connection closed by the server")
+                    got += d
+                if got != msg:
+                    raise OSError("echo %r is not %r" % (got, msg))
+                n += 1
+                res["tcp_messages"] = n
+                time.sleep(gap)
+            c.close()
+        except OSError as e:
+            res["tcp_errors"].append("%s after %d messages" % (e, res["tcp_messages"]))
+
+    def tcp_new():
+        while not stop.is_set():
+            try:
+                c = socket.create_connection((args.target, args.port), timeout=5)
+                c.sendall(b"new\n")
+                if c.recv(16) != b"new\n":
+                    raise OSError("no echo")
+                c.close()
+                res["connections"] += 1
+            except OSError as e:
+                res["connection_failures"].append(str(e))
+            time.sleep(gap * 10)
+
+    threads = [threading.Thread(target=f) for f in (udp_rx, tcp_long, tcp_new)]
+    for t in threads:
+        t.start()
+    end = time.time() + args.max_seconds
+    nxt = time.time()
+    while time.time() < end and not (args.stop_file and os.path.exists(args.stop_file)):
+        try:
+            u.send(struct.pack("!I", res["udp_sent"]) + b"x" * 60)
+        except OSError:
+            pass                # counted as lost: no echo comes
+        res["udp_sent"] += 1
+        nxt += gap
+        time.sleep(max(0.0, nxt - time.time()))
+    time.sleep(2)               # the last echoes
+    stop.set()
+    for t in threads:
+        t.join(10)
+    res["udp_lost"] = res["udp_sent"] - len(echoed & set(range(res["udp_sent"])))
+    print(json.dumps(res, sort_keys=True))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="verify_probe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,6 +325,17 @@ def main(argv=None):
     p.add_argument("--address")
     p.add_argument("--cgroup-root", required=True)
     p.set_defaults(fn=cmd_pod)
+    p = sub.add_parser("stream-server")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--seconds", type=int, default=600)
+    p.set_defaults(fn=cmd_stream_server)
+    p = sub.add_parser("stream")
+    p.add_argument("--target", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--rate", type=int, default=100)
+    p.add_argument("--stop-file")
+    p.add_argument("--max-seconds", type=int, default=600)
+    p.set_defaults(fn=cmd_stream)
     args = ap.parse_args(argv)
     if getattr(args, "pod", None) and not args.cgroup_root:
         ap.error("--pod needs --cgroup-root")
