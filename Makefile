@@ -6,7 +6,7 @@ LAB_INVENTORY := /var/lib/kldload-netstack/lab/inventory.yml
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: setup node lab lab-up lab-down install verify uninstall test unit lint sanity integration molecule clean
+.PHONY: setup node collection lab lab-up lab-down install verify uninstall test unit lint sanity integration molecule clean
 
 setup:
 	bash scripts/setup.sh
@@ -16,6 +16,12 @@ setup:
 node:
 	$(MAKE) -s -C bpf
 	python3 scripts/build_node.py
+
+## The collection as AWX / Automation Controller installs it (docs/awx.md):
+## build/dist/kldload-netstack-<version>.tar.gz, carrying the node bundle built just before.
+collection: node
+	rm -rf build/dist
+	$(VENV)/ansible-galaxy collection build --output-path build/dist
 
 ## The embedded default: lab up, then the install and verify playbooks on it.
 lab: setup lab-up install verify

@@ -14,6 +14,7 @@ from conftest import changed_tasks, run_playbook
 from test_pods import _pods, _recap
 
 ON = ("-e", "netstack_encryption=wireguard")
+QUICK = ("-e", "dataplane_verify_live=false")       # verify's WireGuard checks without the dataplane's live ones
 MARKER = "NETSTACK-MARKER-7f3a9c"
 PCAP = "/run/netstack-test-enc.pcap"
 
@@ -70,7 +71,7 @@ def test_install_four_times_and_status(encrypted):
         assert secret and secret not in first.stdout + first.stderr and secret not in again.stdout
         assert "wireguard-go" in first.stdout           # the module's warning: the userspace backend
         assert lab.sh(h, "systemctl is-enabled netstack-wireguard-kln_wg0.service").stdout.strip() == "enabled"
-    verify = run_playbook("playbooks/verify.yml", *ON)
+    verify = run_playbook("playbooks/verify.yml", *ON, *QUICK)
     assert all(c == 0 for c in _recap(verify).values()), changed_tasks(verify)
     assert "userspace backend, %d peers" % (len(nodes) - 1) in verify.stdout
 
@@ -101,13 +102,13 @@ def test_verify_names_the_node_and_the_peer_without_a_handshake(encrypted):
             if p["endpoint"].startswith(cp_ip + ":")][0]
     lab.sh(w, "wg set kln_wg0 peer %s remove peer $(wg genkey | wg pubkey) endpoint %s allowed-ips %s"
            % (peer["public_key"], peer["endpoint"], ",".join(peer["allowed_ips"])))
-    proc = run_playbook("playbooks/verify.yml", *ON, check=False)
+    proc = run_playbook("playbooks/verify.yml", *ON, *QUICK, check=False)
     assert proc.returncode != 0
     assert "%s: peers 2 (want 2), no handshake with %s (%s, never)" % (w, cp, peer["endpoint"]) in proc.stdout, \
         proc.stdout[-3000:]
-    run_playbook("playbooks/install.yml", *ON)
-    verify = run_playbook("playbooks/verify.yml", *ON)
-    assert all(c == 0 for c in _recap(verify).values()), changed_tasks(verify)
+    healed = run_playbook("playbooks/install.yml", *ON)
+    assert _recap(healed)[w] > 0 and all(p["handshake_age"] is not None for p in
+                                         json.loads(lab.sh(w, "netstack encrypt status --json").stdout)["peers"])
 
 
 def test_strict_mode_drops_instead_of_leaking(encrypted):
@@ -153,6 +154,8 @@ def _status_view(lab):
     out = {}
     for h in lab.hosts():
         st = json.loads(lab.sh(h, "netstack encrypt status --json").stdout)
+        if st is None:
+            return {}                   # no tunnel on this node
         out[h] = (st["listen_port"], [(p["public_key"], p["endpoint"], p["allowed_ips"]) for p in st["peers"]])
     return out
 
@@ -169,7 +172,8 @@ KEYS = "/var/lib/kldload-netstack/wireguard/kln_wg0"
 def test_bad_input_changes_nothing(encrypted, extra, message):
     """Refused naming the field; the running tunnel untouched."""
     lab = encrypted
-    run_playbook("playbooks/install.yml", *ON)
+    if not _status_view(lab):       # the tunnel as the tests before left it; made when it is not there
+        run_playbook("playbooks/install.yml", *ON)
     before = _status_view(lab)
     pids = {}
     a, b = lab.hosts()[1:3]
@@ -306,7 +310,7 @@ def test_rotate_keys_loses_nothing(encrypted):
             assert secret not in rot.stdout + rot.stderr
         again = run_playbook("playbooks/install.yml", *N2N)
         assert all(c == 0 for c in _recap(again).values()), changed_tasks(again)
-        verify = run_playbook("playbooks/verify.yml", *N2N)
+        verify = run_playbook("playbooks/verify.yml", *N2N, *QUICK)
         assert all(c == 0 for c in _recap(verify).values()), changed_tasks(verify)
         # the control: the naive way - one node's key rotated and applied there alone - loses traffic
         streams.start()

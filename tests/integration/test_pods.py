@@ -331,10 +331,13 @@ def test_verify_checks_workloads_and_is_quiet(installed):
 
 
 def test_pod_network_benchmark_smoke(installed):
-    """The benchmark's quick run: every case carries traffic in both modes (figures: docs/performance.md)."""
-    proc = subprocess.run([str(REPO / "benchmarks" / "pod_network" / "run"), "--quick"], capture_output=True,
+    """The benchmark's quick run: every case carries traffic in both modes and with WireGuard (BPF host routing
+    only: legacy has its own test above; figures: docs/performance.md)."""
+    proc = subprocess.run([str(REPO / "benchmarks" / "pod_network" / "run"), "--quick", "--host-routing", "bpf"],
+                          capture_output=True,
                           text=True, check=False, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for case in ("node-to-node (underlay)", "pod-to-pod tunnel", "pod-to-pod native", "pod-to-service tunnel"):
+    for case in ("node-to-node (underlay)", "pod-to-pod tunnel", "pod-to-pod native", "pod-to-service tunnel",
+                 "pod-to-pod wireguard", "first handshake"):
         assert case in proc.stdout, proc.stdout
     print(proc.stdout)
