@@ -163,18 +163,20 @@ def _cfg(pair, i, peer_allowed=None, **extra):
     return cfg
 
 
-def _echo(pair):
-    """A UDP datagram from 10.251.1.1 (namespace a) to an echo server on 10.251.2.1 (b) and back."""
+def _echo(pair, src="10.251.1.1", dst="10.251.2.1", port=7777, payload=b"through-the-tunnel"):
+    """A UDP datagram from ``src`` (namespace a; None: the address routing picks) to an echo server on ``dst``
+    (b) and back: the echo, or the client's error."""
     srv = subprocess.Popen(["ip", "netns", "exec", pair["ns"][1], sys.executable, "-c",
                             "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                            "s.bind(('10.251.2.1', 7777)); print('up', flush=True)\n"
-                            "d, a = s.recvfrom(100); s.sendto(d, a)"], stdout=subprocess.PIPE, text=True)
+                            "s.bind((%r, %d)); print('up', flush=True)\n"
+                            "d, a = s.recvfrom(100); s.sendto(d, a)" % (dst, port)], stdout=subprocess.PIPE, text=True)
     try:
         assert srv.stdout.readline().strip() == "up"
         p = subprocess.run(["ip", "netns", "exec", pair["ns"][0], sys.executable, "-c",
                             "import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                            "s.bind(('10.251.1.1', 0)); s.settimeout(5)\n"
-                            "s.sendto(b'through-the-tunnel', ('10.251.2.1', 7777)); sys.stdout.write(s.recv(100).decode())"],
+                            "%ss.settimeout(5)\n"
+                            "s.sendto(%r, (%r, %d)); sys.stdout.write(s.recv(100).decode())"
+                            % ("s.bind((%r, 0)); " % src if src else "", payload, dst, port)],
                            capture_output=True, text=True, check=False, timeout=30)
         return p.stdout.encode() if p.returncode == 0 else p.stderr.encode()
     finally:
@@ -293,27 +295,17 @@ def _udp_to_underlay(pair, marker):
     pcap = "/tmp/nsu-wg-%s.pcap" % uuid.uuid4().hex[:6]
     dump = subprocess.Popen(["ip", "netns", "exec", pair["ns"][1], "tcpdump", "-i", pair["under"][1], "-nn", "-U",
                              "-w", pcap, "ip"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    srv = subprocess.Popen(["ip", "netns", "exec", pair["ns"][1], sys.executable, "-c",
-                            "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                            "s.bind(('10.250.0.2', 7778)); print('up', flush=True)\n"
-                            "d, a = s.recvfrom(100); s.sendto(d, a)"], stdout=subprocess.PIPE, text=True)
     try:
-        assert srv.stdout.readline().strip() == "up"
         time.sleep(1)                                   # tcpdump listening
-        p = subprocess.run(["ip", "netns", "exec", pair["ns"][0], sys.executable, "-c",
-                            "import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                            "s.settimeout(5); s.sendto(%r, ('10.250.0.2', 7778)); sys.stdout.write(s.recv(100).decode())"
-                            % marker.encode()], capture_output=True, text=True, check=False, timeout=30)
+        echo = _echo(pair, src=None, dst="10.250.0.2", port=7778, payload=marker.encode()).decode()
         time.sleep(1)
     finally:
-        srv.kill()
-        srv.wait()
         dump.terminate()
         dump.wait()
     lines = subprocess.run(["tcpdump", "-r", pcap, "-nn"], capture_output=True, text=True, check=False).stdout.splitlines()
     text = subprocess.run(["tcpdump", "-r", pcap, "-nn", "-A"], capture_output=True, text=True, check=False).stdout
     os.unlink(pcap)
-    return p.stdout, lines, text
+    return echo, lines, text
 
 
 @needs_wg
