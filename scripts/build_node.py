@@ -54,7 +54,29 @@ def _zipapp(src, path):
     os.rename(tmp, path)
 
 
+def _bump_layout(manifest_path, name):
+    """Test builds (--layout-bump): the shared map ``name`` one layout version up, migrated by copy."""
+    with open(manifest_path) as f:
+        m = json.load(f)
+    spec = m.get("maps", {}).get(name)
+    if not spec:
+        return False
+    old = int(spec.get("version", 1))
+    spec["version"] = old + 1
+    spec.setdefault("migrations", {})[str(old)] = "copy"
+    with open(manifest_path, "w") as f:
+        json.dump(m, f, indent=1, sort_keys=True)
+    return True
+
+
 def main():
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+    ap.add_argument("--out", default=OUT, help="output directory (default build/node)")
+    ap.add_argument("--layout-bump", metavar="MAP", action="append", default=[],
+                    help="test builds: a shared map's layout version one up with a copy migration")
+    args = ap.parse_args()
+    out_dir = os.path.abspath(args.out)
     bpf_build = os.path.join(REPO, "bpf", "build")
     objects = sorted(f[:-len(".manifest.json")] for f in os.listdir(bpf_build) if f.endswith(".manifest.json"))
     if not objects:
@@ -82,13 +104,22 @@ def main():
         for n in objects:
             for suffix in (".o", ".manifest.json"):
                 shutil.copy(os.path.join(bpf_build, n + suffix), os.path.join(src, "netstack_objects", n + suffix))
-        shutil.rmtree(OUT, ignore_errors=True)
-        os.makedirs(OUT)
-        _zipapp(src, os.path.join(OUT, "netstack.pyz"))
+        for name in args.layout_bump:
+            hits = [n for n in objects if _bump_layout(os.path.join(src, "netstack_objects", n + ".manifest.json"), name)]
+            if not hits:
+                sys.exit("build_node: --layout-bump %s: no object declares that map" % name)
+        if args.layout_bump:
+            info["layout_bump"] = sorted(args.layout_bump)
+            with open(os.path.join(src, "netstack_build.json"), "w") as f:
+                json.dump(info, f, indent=1, sort_keys=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.makedirs(out_dir)
+        _zipapp(src, os.path.join(out_dir, "netstack.pyz"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print("build_node: %s (collection %s, objects %s)" % (os.path.relpath(OUT, REPO), info["collection"],
-                                                          ", ".join(objects)))
+    print("build_node: %s (collection %s, objects %s%s)" % (os.path.relpath(out_dir, REPO), info["collection"],
+                                                            ", ".join(objects), "; layout bump %s" % ", ".join(
+                                                                args.layout_bump) if args.layout_bump else ""))
 
 
 if __name__ == "__main__":

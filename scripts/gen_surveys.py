@@ -30,6 +30,8 @@ SURVEYS = {
                 [(r, "main") for r in INSTALL_ROLES], lambda n: "_verify_" not in n),
     "verify": ("Verify kldload.netstack on the nodes (playbooks/verify.yml): the configuration as install had it, "
                "and the live checks' settings", [(r, "main") for r in INSTALL_ROLES], lambda n: True),
+    "upgrade": ("Move the nodes to the collection's release, node by node, rolled back where a post-check fails "
+                "(playbooks/upgrade.yml)", [("upgrade", "main")], lambda n: True),
     "rotate_keys": ("Rotate every node's WireGuard key (playbooks/rotate_keys.yml)",
                     [("encryption", "main"), ("dataplane", "main")],
                     lambda n: n.startswith(("encryption_", "dataplane_encryption", "dataplane_routing"))),

@@ -425,9 +425,11 @@ def _users(current, map_id, skip):
     return out
 
 
-def plan(current, root, objects, prune=False):
+def plan(current, root, objects, prune=False, keep_pins=()):
     """All decisions for ``objects`` (their manifests, versions and attachments resolved). ``prune``: these objects are everything the
-    pin root holds; other objects and shared maps nobody declares are removed."""
+    pin root holds; other objects and shared maps nobody declares are removed. ``keep_pins``: shared maps
+    (``globals/`` names) that stay pinned even when nobody here declares them or they are migrated from:
+    the layouts the node's previous release uses, which a rollback to it finds as they were at the switch."""
     acts = _new_plan()
     wanted = plan_globals(current, root, objects, acts)
     names = set(o["name"] for o in objects)
@@ -443,6 +445,7 @@ def plan(current, root, objects, prune=False):
         acts["remove_objects"] = sorted(set(current["objects"]) - names)
         acts["globals_unpin"] = sorted(set(acts["globals_unpin"]) | (set(current["globals"]) - set(wanted)))
         acts["remove_root"] = not objects and current["exists"]
+    acts["globals_unpin"] = [p for p in acts["globals_unpin"] if p not in keep_pins]
     return acts
 
 
@@ -813,11 +816,11 @@ def object_spec(name, path, attach=None, targets=None, map_sizes=None, manifest=
     return {"name": name, "path": path, "manifest": manifest, "sizes": sizes, "attach_args": attach or []}
 
 
-def ensure(root, objects, state="present", check=False, prune=False, module=None, step=None):
+def ensure(root, objects, state="present", check=False, prune=False, module=None, step=None, keep_pins=()):
     """Make the pin root hold ``objects`` (object_spec() results). Returns {changed, actions, before,
     after, report, sha256 {name: sha}}. ``state=absent`` removes the objects named (and, with prune or
     when no object is left, the shared maps and the pin root). ``prune``: the objects given are all
-    the pin root should hold (the node's dataplane)."""
+    the pin root should hold (the node's dataplane). ``keep_pins``: see plan()."""
     if "." in root:
         raise ProgError("pin_path: %s contains a '.'; bpffs refuses dots in names" % root)
     current = inspect(root)
@@ -844,14 +847,14 @@ def ensure(root, objects, state="present", check=False, prune=False, module=None
                 probes[o["name"]] = _probe_checked(o, module)
                 o["manifest"] = mf.from_probe(o["name"], probes[o["name"]])
         o["version"] = version(shas[o["name"]], o["sizes"], o["manifest"])
-    acts = plan(current, root, objects, prune)
+    acts = plan(current, root, objects, prune, keep_pins)
     todo = [o for o in objects if acts["objects"][o["name"]]["load"] and o["name"] not in probes]
     if todo:                            # what is loaded is verified first (and held against its manifest)
         for o in todo:
             probes[o["name"]] = _probe_checked(o, module)
             if o["manifest"].get("implicit"):
                 o["manifest"] = mf.from_probe(o["name"], probes[o["name"]])
-        acts = plan(current, root, objects, prune)
+        acts = plan(current, root, objects, prune, keep_pins)
     changed = has_changes(acts)
     if changed and not check:
         apply(root, objects, acts, module, step)

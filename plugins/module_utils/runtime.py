@@ -53,7 +53,8 @@ import shutil
 import tempfile
 import zipfile
 
-from ansible_collections.kldload.netstack.plugins.module_utils import cni, hostroute, lb, loader, podnet, routes, units
+from ansible_collections.kldload.netstack.plugins.module_utils import cni, hostroute, lb, loader, podnet, release, routes, units
+from ansible_collections.kldload.netstack.plugins.module_utils import manifest as mf
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool
 
 CONFIG_PATH = "/etc/kldload-netstack/dataplane.json"
@@ -281,7 +282,9 @@ def apply(cfg, services=None, check=False, config_path=None, module=None, restor
     """Make the node match ``cfg``: objects, attachments, the service table, routes; then write the
     configuration to ``config_path`` (when given) and, with ``restore_unit``, the unit that applies it
     again at boot. ``services``: the whole service table, or None for the last applied one (the LB
-    state file and its journal: what boot-time restore programs).
+    state file and its journal: what boot-time restore programs). The shared maps the node's previous
+    release (release.py) uses stay pinned, also when these objects migrate them to a newer layout: what a
+    rollback to it needs.
 
     Returns {changed, config {changed, before, after}, dataplane (loader result), lb (lb.sync
     result), routes [changes], pods (podnet.apply() result), missing [objects not installed]}.
@@ -305,7 +308,7 @@ def apply(cfg, services=None, check=False, config_path=None, module=None, restor
     else:
         with unpacked(cfg) as paths:
             res["dataplane"] = loader.ensure(cfg["pin_path"], _objects(cfg, paths), check=check, prune=True,
-                                             module=module)
+                                             module=module, keep_pins=previous_release_pins(cfg))
     res["lb"] = _lb(cfg, table, check, module, res)
     res["pods"] = apply_network(cfg, check=check, module=module)
     res["routes"] = res["pods"]["routes"]
@@ -319,6 +322,23 @@ def apply(cfg, services=None, check=False, config_path=None, module=None, restor
                           or res["routes"] or res["pods"]["changed"] or res["endpoints"] or res["host_routing"]
                           or res["unit"])
     return res
+
+
+def previous_release_pins(cfg):
+    """``globals/`` names of the shared maps the previous release beside the bundle declares (none without
+    one): releases/previous/netstack.pyz of release.py's layout."""
+    prev = os.path.join(os.path.dirname(cfg["bundle"]), release.RELEASES, release.PREVIOUS, release.BUNDLE)
+    out = set()
+    try:
+        with zipfile.ZipFile(prev) as z:
+            for n in z.namelist():
+                if n.startswith(BUNDLE_OBJECTS) and n.endswith(".manifest.json"):
+                    for name, m in (json.loads(z.read(n).decode("utf-8")).get("maps") or {}).items():
+                        if m.get("shared"):
+                            out.add(mf.pin_name(name, int(m.get("version", 1))))
+    except (OSError, IOError, ValueError, zipfile.BadZipfile):
+        return set()
+    return out
 
 
 def _endpoint_programs(cfg, check):

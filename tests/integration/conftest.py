@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,41 @@ class Lab:
     def put(self, host, path, text, mode="0644"):
         self.sh(host, "install -D -m %s /dev/stdin %s <<'__NETSTACK_EOF__'\n%s\n__NETSTACK_EOF__"
                 % (mode, shlex.quote(path), text))
+
+
+PROBE = (REPO / "roles" / "dataplane" / "files" / "verify_probe.py").read_text()
+PROBE_PATH = "/run/netstack-test/verify_probe.py"
+
+
+class Streams:
+    """Continuous traffic from pod ``a`` (verify_probe.py stream: a long-lived TCP connection, new TCP
+    connections, UDP datagrams with sequence numbers, 200 a second) to the stream server in pod ``b``,
+    at b's address or at ``target`` (a service VIP whose backend is b:``port``). ``name`` tells
+    concurrent streams from one node apart."""
+
+    def __init__(self, lab, a, b, target=None, port=18900, name="stream"):
+        self.lab, self.a, self.b, self.target, self.port = lab, a, b, target or b["ip"], port
+        self.stop_file, self.out = "/run/netstack-test/%s.stop" % name, "/run/netstack-test/%s.json" % name
+        for h in (a["host"], b["host"]):
+            lab.put(h, PROBE_PATH, PROBE, mode="0755")
+        self.srv = lab.sh(b["host"], "nohup nsenter --net=%s python3 %s stream-server --port %d --seconds 900 "
+                          ">/dev/null 2>&1 & echo $!" % (shlex.quote(b["netns"]), PROBE_PATH, port)).stdout.strip()
+        time.sleep(1)
+
+    def start(self):
+        self.lab.sh(self.a["host"], "rm -f %s %s; nohup nsenter --net=%s python3 %s stream --target %s --port %d "
+                    "--rate 200 --stop-file %s --max-seconds 600 >%s 2>&1 &"
+                    % (self.stop_file, self.out, shlex.quote(self.a["netns"]), PROBE_PATH, self.target, self.port,
+                       self.stop_file, self.out))
+        time.sleep(2)
+
+    def stop(self):
+        self.lab.sh(self.a["host"], "touch %s; for i in $(seq 30); do sleep 1; test -s %s && break; done"
+                    % (self.stop_file, self.out))
+        return json.loads(self.lab.sh(self.a["host"], "cat %s" % self.out).stdout)
+
+    def close(self):
+        self.lab.sh(self.b["host"], "kill %s" % self.srv, check=False)
 
 
 def _lab_reachable():

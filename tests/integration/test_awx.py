@@ -1,7 +1,8 @@
 """Jobs as AWX / Automation Controller runs them: ansible-runner with a private data directory laid out
 the way AWX lays it (project with the collection installed from the built tarball, inventory,
 env/extravars, env/settings, env/ssh_key as the machine credential, env/envvars), against the lab:
-install, install again (changed=0), verify (changed=0) with a survey answer as an extra variable.
+install, install again (changed=0), verify (changed=0) with a survey answer as an extra variable, upgrade
+to the release already running (changed=0) with survey answers.
 The runner's status and per-host stats are asserted."""
 import json
 import os
@@ -33,7 +34,7 @@ def private_data_dir(lab, tmp_path_factory):
     env.pop("ANSIBLE_CONFIG", None)
     subprocess.run([str(VENV_BIN / "ansible-galaxy"), "collection", "install", "-r", "collections/requirements.yml",
                     "-p", "collections"], cwd=str(project), check=True, capture_output=True, env=env)
-    for pb in ("install", "verify"):
+    for pb in ("install", "verify", "upgrade"):
         (project / (pb + ".yml")).write_text("---\n- name: kldload.netstack %s\n  ansible.builtin.import_playbook: "
                                              "kldload.netstack.%s\n" % (pb, pb))
     # the inventory without the key file: the key comes as the job's machine credential (env/ssh_key)
@@ -85,5 +86,9 @@ def test_install_and_verify_jobs_through_ansible_runner(lab, private_data_dir):
     assert not any(r.stats["changed"].values()), (r.stats["changed"], out[-4000:])
     # verify with a survey answer (an extra variable of the job), quiet
     r, out = _job(private_data_dir, "verify.yml", {"dataplane_verify_connections": 200})
+    assert r.status == "successful", out[-4000:]
+    assert sorted(r.stats["ok"]) == sorted(nodes) and not any(r.stats["changed"].values()), r.stats
+    # upgrade to the release the install just put there, one batch: nothing to do
+    r, out = _job(private_data_dir, "upgrade.yml", {"netstack_upgrade_batch": len(nodes), "upgrade_live_checks": False})
     assert r.status == "successful", out[-4000:]
     assert sorted(r.stats["ok"]) == sorted(nodes) and not any(r.stats["changed"].values()), r.stats

@@ -6,11 +6,10 @@ the private key is 0600 and in no output."""
 import json
 import shlex
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import changed_tasks, run_playbook
+from conftest import Streams, changed_tasks, run_playbook
 from test_pods import _pods, _recap
 
 ON = ("-e", "netstack_encryption=wireguard")
@@ -244,38 +243,6 @@ def test_node_to_node_traffic_is_encrypted_too(encrypted):
 
 # ---- long-term key rotation -----------------------------------------------------------------------
 
-PROBE = (Path(__file__).resolve().parents[2] / "roles" / "dataplane" / "files" / "verify_probe.py").read_text()
-PROBE_PATH = "/run/netstack-test/verify_probe.py"
-STOP = "/run/netstack-test/stream.stop"
-
-
-class _Streams:
-    """Continuous cross-node pod traffic (verify_probe.py stream: a long-lived TCP connection, new TCP
-    connections, UDP datagrams with sequence numbers, 200 a second) from pod a to pod b."""
-
-    def __init__(self, lab, a, b):
-        self.lab, self.a, self.b = lab, a, b
-        for h in (a["host"], b["host"]):
-            lab.put(h, PROBE_PATH, PROBE, mode="0755")
-        self.srv = lab.sh(b["host"], "nohup nsenter --net=%s python3 %s stream-server --port 18900 --seconds 900 "
-                          ">/dev/null 2>&1 & echo $!" % (shlex.quote(b["netns"]), PROBE_PATH)).stdout.strip()
-        time.sleep(1)
-
-    def start(self):
-        self.lab.sh(self.a["host"], "rm -f %s /run/netstack-test/stream.json; nohup nsenter --net=%s python3 %s stream "
-                    "--target %s --port 18900 --rate 200 --stop-file %s --max-seconds 600 >/run/netstack-test/stream.json "
-                    "2>&1 &" % (STOP, shlex.quote(self.a["netns"]), PROBE_PATH, self.b["ip"], STOP))
-        time.sleep(2)
-
-    def stop(self):
-        self.lab.sh(self.a["host"], "touch %s; for i in $(seq 30); do sleep 1; test -s /run/netstack-test/stream.json "
-                    "&& break; done" % STOP)
-        return json.loads(self.lab.sh(self.a["host"], "cat /run/netstack-test/stream.json").stdout)
-
-    def close(self):
-        self.lab.sh(self.b["host"], "kill %s" % self.srv, check=False)
-
-
 def _keys(lab):
     return {h: lab.sh(h, "cat /var/lib/kldload-netstack/wireguard/kln_wg0/public.key").stdout.strip() for h in lab.hosts()}
 
@@ -294,7 +261,7 @@ def test_rotate_keys_loses_nothing(encrypted):
     assert limited.returncode != 0 and "runs on every node of kube_nodes at once" in limited.stdout
     pods = _pods(lab)
     a, b = [pods[n] for n in sorted(pods)[:2]]
-    streams = _Streams(lab, a, b)
+    streams = Streams(lab, a, b)
     try:
         streams.start()
         rot = run_playbook("playbooks/rotate_keys.yml", *N2N, "-vvv")

@@ -164,6 +164,33 @@ def test_version_change_migrates_with_the_declared_migration(node, tmp_path):
     assert not loader.ensure(root, objects(cg, sock_lb=lb2, peek=peek2))["changed"]
 
 
+def test_a_rollback_finds_the_layout_the_previous_release_kept(node, tmp_path):
+    """The upgrade's case: the new objects migrate kln_lb_config to version 2 while the previous release's
+    layout is kept (keep_pins); the old objects then run again against version 1 as it was at the switch,
+    and version 2 goes. Without keep_pins the old objects are refused (no migration back)."""
+    root, cg = node
+    loader.ensure(root, objects(cg))
+    _write_config(root, b"\xfb\0\0\0\0\0\0\0")
+
+    def bump(m):
+        m["maps"]["kln_lb_config"].update(version=2, migrations={"1": "copy"})
+    lb2, peek2 = _copy(tmp_path, SOCK_LB, bump), _copy(tmp_path, PEEK, bump)
+    res = loader.ensure(root, objects(cg, sock_lb=lb2, peek=peek2), prune=True, keep_pins={"kln_lb_config_v1"})
+    assert "migrate shared map kln_lb_config_v1 -> kln_lb_config_v2 (copy)" in res["actions"]
+    assert set(["kln_lb_config_v1", "kln_lb_config_v2"]) <= set(loader.report(root)["globals"])
+    assert not loader.ensure(root, objects(cg, sock_lb=lb2, peek=peek2), prune=True, check=True,
+                             keep_pins={"kln_lb_config_v1"})["changed"]
+    res = loader.ensure(root, objects(cg), prune=True)       # the rollback: the old objects, nothing kept
+    rep = loader.report(root)
+    assert "kln_lb_config_v2" not in rep["globals"]
+    assert _read(root, "globals/kln_lb_config_v1")[0][1][:4] == b"\xfb\0\0\0"
+    assert rep["globals"]["kln_lb_config_v1"]["id"] in rep["objects"]["peek"]["programs"]["kln_peek_egress"]["map_ids"]
+    loader.ensure(root, objects(cg, sock_lb=lb2, peek=peek2), prune=True)   # forward again, nothing kept
+    with pytest.raises(loader.ProgError) as e:
+        loader.ensure(root, objects(cg), prune=True)
+    assert "holds layout version 2 of kln_lb_config" in str(e.value)
+
+
 def test_version_change_without_a_migration_is_refused(node, tmp_path):
     root, cg = node
     loader.ensure(root, objects(cg))
