@@ -57,6 +57,11 @@ def test_verify_fails_when_something_is_off(lab):
     try:
         proc = run_playbook("playbooks/verify.yml", "--limit", host, check=False)
         assert proc.returncode != 0 and "net.ipv4.conf.all.rp_filter is 1, expected 0" in proc.stdout
+        # the summary: every check ran, the failed one with its evidence, the others with their figures
+        assert '"FAIL prerequisites: net.ipv4.conf.all.rp_filter is 1, expected 0"' in proc.stdout
+        assert re.search(r'"PASS dataplane: \d+ objects loaded and attached, \d+ services listed as declared, live: 4 probes',
+                         proc.stdout), proc.stdout[-3000:]
+        assert '"PASS kube-proxy gone: 0 rules left' in proc.stdout and '"PASS workloads: ' in proc.stdout
     finally:
         run_playbook("playbooks/install.yml", "--limit", host)
     run_playbook("playbooks/verify.yml", "--limit", host)
