@@ -67,20 +67,40 @@ def test_verify_fails_when_something_is_off(lab):
     run_playbook("playbooks/verify.yml", "--limit", host)
 
 
+# What the collection may leave on a node, each listing filtered to what is the collection's.
+LEFTOVERS = {
+    "interfaces": "ip -o link | grep -o 'kln_[a-z0-9_]*' | sort -u",
+    "tc/xdp programs": "bpftool net | grep kln_",
+    "cgroup programs": "bpftool cgroup tree | grep kln_",
+    "pinned objects": "ls /sys/fs/bpf | grep kldload",
+    "routing rules": "ip rule | grep -v -E 'lookup (local|main|default) *$'",
+    "routes": "ip route show table all | grep -E 'proto 220|10\\.244\\.'",
+    "nftables": "nft list tables | grep -E 'kldload|netstack'",
+    "units": "systemctl list-units --all --no-legend 'netstack*' 'kldload*'; ls /etc/systemd/system | grep -E 'netstack|kldload'",
+    "files": "ls -d /etc/kldload-netstack /var/lib/kldload-netstack /usr/lib/kldload-netstack /usr/local/sbin/netstack "
+             "/usr/lib/cni/netstack-cni /etc/cni/net.d/05-kldload-netstack.conflist /etc/sysctl.d/90-kldload-netstack.conf",
+    "pod namespaces": "ip netns | grep '^wl-'",
+    "processes": "pgrep -a wireguard-go",
+}
+
+
+def _leftovers(lab, host):
+    return dict((k, lab.sh(host, "(%s) 2>/dev/null || true" % cmd).stdout.strip()) for k, cmd in LEFTOVERS.items())
+
+
 def test_uninstall_removes_what_install_made_and_check_mode_works_on_fresh_nodes(lab):
+    """Installed with every capability that has landed (pods, BPF host routing, WireGuard with node-to-node
+    encryption), a node shows the collection in every listing; after uninstall.yml (with the bpffs mount's unit,
+    prereqs_uninstall_bpffs), in none."""
     host = lab.hosts("kube_control_plane")[0]
-    cg = lab.sh(host, "findmnt -n -o TARGET -t cgroup2 | head -1").stdout.strip()
-    assert "kln_connect4" in lab.sh(host, "bpftool cgroup show %s" % cg).stdout
-    run_playbook("playbooks/uninstall.yml", "--limit", host)
-    assert lab.sh(host, "test -e /etc/sysctl.d/90-kldload-netstack.conf", check=False).returncode != 0
-    # the dataplane: no pinned object or shared map, no attachment, no unit, command, configuration, state, route
-    assert lab.sh(host, "test -e /sys/fs/bpf/kldload-netstack", check=False).returncode != 0
-    assert "kln_" not in lab.sh(host, "bpftool cgroup show %s" % cg, check=False).stdout
-    for path in ("/usr/local/sbin/netstack", "/usr/lib/kldload-netstack", "/etc/systemd/system/netstack-dataplane.service",
-                 "/etc/kldload-netstack", "/var/lib/kldload-netstack/lb"):
-        assert lab.sh(host, "test -e %s" % path, check=False).returncode != 0, path
-    routes = lab.sh(host, "ip route").stdout
-    assert "10.244." not in routes and "proto 220" not in routes
+    enc = ("-e", "netstack_encryption=wireguard", "-e", "netstack_encryption_node_to_node=true")
+    run_playbook("playbooks/install.yml", *enc)
+    before = _leftovers(lab, host)
+    empty = sorted(k for k, v in before.items() if not v)
+    assert empty == ["processes"] or empty == [], before         # wireguard-go only without the kernel module
+    assert "kln_wg0" in before["interfaces"] and "lookup 220" in before["routing rules"], before
+    run_playbook("playbooks/uninstall.yml", "--limit", host, *enc, "-e", "prereqs_uninstall_bpffs=true")
+    assert _leftovers(lab, host) == dict((k, "") for k in LEFTOVERS), _leftovers(lab, host)
     # "what would change" on a node without the collection: runs through, changes nothing
     check = run_playbook("playbooks/install.yml", "--limit", host, "--check", "--diff", check=False)
     assert check.returncode == 0 and _recap(check)[host]["failed"] == 0, check.stdout[-4000:]
@@ -92,3 +112,4 @@ def test_uninstall_removes_what_install_made_and_check_mode_works_on_fresh_nodes
     installed = run_playbook("playbooks/install.yml", "--limit", host, "--check", "--diff")
     assert _recap(installed)[host]["changed"] == 0, changed_tasks(installed)
     assert "proto 220" in lab.sh(host, "ip route").stdout
+    run_playbook("playbooks/install.yml")               # the other nodes without WireGuard again
