@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 repo=$PWD
 top=${TMPDIR:-/tmp}/netstack-sanity/ansible_collections/kldload
 mkdir -p "$top/netstack" "$top/netstack_lab"
-excludes=(--exclude .venv --exclude .collections --exclude .ansible --exclude .git --exclude tests/output
+excludes=(--exclude .venv --exclude .venv-oldest --exclude .collections --exclude .ansible --exclude .git --exclude tests/output
   --exclude .pytest_cache --exclude __pycache__ --exclude '*.o' --exclude build)
 rsync -a --delete --delete-excluded "${excludes[@]}" --exclude /lab ./ "$top/netstack/"
 rsync -a --delete --delete-excluded "${excludes[@]}" lab/ "$top/netstack_lab/"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the controller (this machine) needs: Debian packages for the lab and the
-# tests, and a Python venv at .venv with the pinned controller requirements.
+# tests, a Python venv at .venv with the pinned controller requirements, and .venv-oldest with the
+# oldest ansible-core the collection claims.
 # Idempotent; run as root on Debian 12/13.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,13 @@ if [ ! -x .venv/bin/ansible-playbook ] || ! cmp -s requirements.txt .venv/.requi
   .venv/bin/pip install -q -r requirements.txt -c constraints.txt
   cp requirements.txt .venv/.requirements.txt
   cp constraints.txt .venv/.constraints.txt
+fi
+
+# The oldest ansible-core the collection claims (requires_ansible), for the tests that run the playbooks with it.
+if [ ! -x .venv-oldest/bin/ansible-playbook ] || ! cmp -s requirements-oldest.txt .venv-oldest/.requirements.txt; then
+  /usr/bin/python3 -m venv .venv-oldest
+  .venv-oldest/bin/pip install -q -r requirements-oldest.txt
+  cp requirements-oldest.txt .venv-oldest/.requirements.txt
 fi
 
 # The repository root is the collection: expose it as kldload.netstack to Ansible.

@@ -20,17 +20,18 @@ STATE_DIR = Path(os.environ.get("NETSTACK_LAB_STATE_DIR", "/var/lib/kldload-nets
 INVENTORY = STATE_DIR / "inventory.yml"
 
 
-def _env(**extra):
+def _env(bin_dir=VENV_BIN, **extra):
     env = dict(os.environ)
-    env["PATH"] = "%s:%s" % (VENV_BIN, env.get("PATH", ""))
+    env["PATH"] = "%s:%s" % (bin_dir, env.get("PATH", ""))
     env["ANSIBLE_CONFIG"] = str(REPO / "ansible.cfg")
     env.update(extra)
     return env
 
 
-def run_playbook(playbook, *args, check=True, inventory=INVENTORY):
-    argv = [str(VENV_BIN / "ansible-playbook"), "-i", str(inventory), str(REPO / playbook)] + list(args)
-    proc = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
+def run_playbook(playbook, *args, check=True, inventory=INVENTORY, bin_dir=VENV_BIN):
+    """ansible-playbook of the venv ``bin_dir`` (default .venv; .venv-oldest has the oldest ansible-core claimed)."""
+    argv = [str(Path(bin_dir) / "ansible-playbook"), "-i", str(inventory), str(REPO / playbook)] + list(args)
+    proc = subprocess.run(argv, cwd=REPO, env=_env(bin_dir), capture_output=True, text=True, check=False)
     if check and proc.returncode != 0:
         raise AssertionError("%s failed (rc=%s)\n%s\n%s"
                              % (playbook, proc.returncode, proc.stdout[-6000:], proc.stderr[-3000:]))

@@ -1,7 +1,8 @@
 """install / verify / uninstall playbooks on the lab, as a user runs them."""
 import re
+import subprocess
 
-from conftest import changed_tasks, run_playbook
+from conftest import REPO, changed_tasks, run_playbook
 
 
 def _recap(proc):
@@ -48,6 +49,19 @@ def test_install_stops_a_host_kube_proxy_and_is_idempotent(lab):
         run_playbook("playbooks/verify.yml")
     finally:
         lab.sh(host, "rm -f /etc/systemd/system/kube-proxy.service && systemctl daemon-reload", check=False)
+
+
+def test_the_oldest_ansible_core_claimed_installs_and_verifies(lab):
+    """requires_ansible (>=2.16.0) on the lab: install and verify with ansible-core 2.16 (.venv-oldest) run
+    through, the install changes nothing the pinned core installed, verify reports changed=0."""
+    run_playbook("playbooks/install.yml")
+    oldest = REPO / ".venv-oldest" / "bin"
+    assert "core 2.16." in subprocess.run([str(oldest / "ansible"), "--version"], capture_output=True, text=True,
+                                          check=True).stdout
+    again = run_playbook("playbooks/install.yml", bin_dir=oldest)
+    assert all(r["changed"] == 0 for r in _recap(again).values()), changed_tasks(again)
+    verify = run_playbook("playbooks/verify.yml", bin_dir=oldest)
+    assert all(r["changed"] == 0 for r in _recap(verify).values()) and '"PASS dataplane: ' in verify.stdout
 
 
 def test_verify_fails_when_something_is_off(lab):
