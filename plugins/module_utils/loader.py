@@ -38,6 +38,7 @@ import socket
 import tempfile
 
 from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys, manifest as mf, mounts
+from ansible_collections.kldload.netstack.plugins.module_utils.release import file_sha256
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool
 
 DEFAULT_PIN_PATH = "/sys/fs/bpf/kldload-netstack"
@@ -59,14 +60,6 @@ class ProgError(Exception):
     def __init__(self, msg, details=""):
         super(ProgError, self).__init__(msg)
         self.details = details
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def canonical_type(name, where="attach"):

@@ -144,14 +144,19 @@ def test_shared_map_of_another_layout_is_refused_naming_both(node, tmp_path):
     assert loader.report(root) == before
 
 
-def test_version_change_migrates_with_the_declared_migration(node, tmp_path):
+def _loaded_then_bumped(node, tmp_path):
+    """The objects loaded with a value in kln_lb_config; copies of both declaring it in layout version 2."""
     root, cg = node
     loader.ensure(root, objects(cg))
     _write_config(root, b"\xfb\0\0\0\0\0\0\0")
 
     def bump(m):
         m["maps"]["kln_lb_config"].update(version=2, migrations={"1": "copy"})
-    lb2, peek2 = _copy(tmp_path, SOCK_LB, bump), _copy(tmp_path, PEEK, bump)
+    return root, cg, _copy(tmp_path, SOCK_LB, bump), _copy(tmp_path, PEEK, bump)
+
+
+def test_version_change_migrates_with_the_declared_migration(node, tmp_path):
+    root, cg, lb2, peek2 = _loaded_then_bumped(node, tmp_path)
     with pytest.raises(loader.ProgError) as e:               # sock_lb still uses version 1
         loader.ensure(root, [objects(cg, peek=peek2)[1]])
     assert "not part of this run, use it" in str(e.value) and "sock_lb" in str(e.value)
@@ -168,13 +173,7 @@ def test_a_rollback_finds_the_layout_the_previous_release_kept(node, tmp_path):
     """The upgrade's case: the new objects migrate kln_lb_config to version 2 while the previous release's
     layout is kept (keep_pins); the old objects then run again against version 1 as it was at the switch,
     and version 2 goes. Without keep_pins the old objects are refused (no migration back)."""
-    root, cg = node
-    loader.ensure(root, objects(cg))
-    _write_config(root, b"\xfb\0\0\0\0\0\0\0")
-
-    def bump(m):
-        m["maps"]["kln_lb_config"].update(version=2, migrations={"1": "copy"})
-    lb2, peek2 = _copy(tmp_path, SOCK_LB, bump), _copy(tmp_path, PEEK, bump)
+    root, cg, lb2, peek2 = _loaded_then_bumped(node, tmp_path)
     res = loader.ensure(root, objects(cg, sock_lb=lb2, peek=peek2), prune=True, keep_pins={"kln_lb_config_v1"})
     assert "migrate shared map kln_lb_config_v1 -> kln_lb_config_v2 (copy)" in res["actions"]
     assert set(["kln_lb_config_v1", "kln_lb_config_v2"]) <= set(loader.report(root)["globals"])
