@@ -785,6 +785,8 @@ def _cnp_rule(ctx, r, rp, section, namespace, label, spec_prefix, index):
                     ports.extend(got)
     if not ok:
         return None
+    if peers is None and ports is None:
+        return {}      # Cilium's empty rule ({}): default deny for the direction (see _cnp_one), allows nothing
     return {"direction": direction, "deny": deny, "peers": peers, "ports": ports,
             "name": "%s %s%s[%d]" % (label, spec_prefix, section, index)}
 
@@ -850,7 +852,7 @@ def _cnp_one(ctx, spec, path, namespace, label):
             rule = _cnp_rule(ctx, r, "%s.%s[%d]" % (path, section, i), section, namespace, label, spec_prefix, i)
             if rule is None:
                 ok = False
-            else:
+            elif rule:
                 rules.append(rule)
     if not ok:
         return None
