@@ -102,7 +102,7 @@ def workload(n_policies=1000, n_endpoints=100, n_namespaces=10, seed=1):
 
 def _best(fn, rounds):
     best, out = None, None
-    for _ in range(rounds):
+    for _i in range(rounds):
         t = time.perf_counter()
         out = fn()
         dt = time.perf_counter() - t

@@ -224,8 +224,8 @@ def test_known_identities_are_kept():
 
 
 @pytest.mark.parametrize("mutate,msg", [
-    (lambda c: c["endpoints"][0].update(ips=["10.244.1.300"]), r"cluster.endpoints\[0\] \(shop/web-1\).ips\[0\]: "
-                                                                r"'10.244.1.300' is not an IP address"),
+    (lambda c: c["endpoints"][0].update(ips=["10.244.1.300"]),
+     r"cluster.endpoints\[0\] \(shop/web-1\).ips\[0\]: '10.244.1.300' is not an IP address"),
     (lambda c: c["endpoints"][1].update(ips=["10.244.1.5"]), r"endpoints\[1\] \(shop/web-2\).ips\[0\]: 10.244.1.5 is "
                                                              r"also shop/web-1"),
     (lambda c: c["endpoints"].append(dict(c["endpoints"][0])), r"endpoints\[4\] \(shop/web-1\): listed twice"),
@@ -253,25 +253,25 @@ spec:
   - from: [{podSelector: {matchLabels: {app: db}}}]
     ports: [{port: 8080}]
 """)
-    old = C.compile_node([], CLUSTER)
-    new = C.compile_node(base, CLUSTER)
-    db = new["endpoints"]["shop/db-1"]["identity"]
-    assert C.diff(old, old) == [] and C.diff(new, new) == []
-    assert C.diff(old, new) == [
+    before = C.compile_node([], CLUSTER)
+    after = C.compile_node(base, CLUSTER)
+    db = after["endpoints"]["shop/db-1"]["identity"]
+    assert C.diff(before, before) == [] and C.diff(after, after) == []
+    assert C.diff(before, after) == [
         "shop/web-1: ingress now isolated (default deny)",
         "shop/web-1: ingress + allow from identity %d (k8s:app=db,k8s:io.kubernetes.pod.namespace=shop,...) TCP/8080 "
         "(NetworkPolicy shop/web ingress[0])" % db,
     ]
-    assert C.diff(new, old) == [
+    assert C.diff(after, before) == [
         "shop/web-1: ingress no longer isolated (default allow)",
         "shop/web-1: ingress - allow from identity %d (k8s:app=db,k8s:io.kubernetes.pod.namespace=shop,...) TCP/8080 "
         "(NetworkPolicy shop/web ingress[0])" % db,
     ]
-    lines = C.diff(None, new)
+    lines = C.diff(None, after)
     assert lines[0].startswith("shop/db-1: new endpoint, identity %d (k8s:app=db," % db)
     cl = json.loads(json.dumps(CLUSTER))
     cl["endpoints"] = [e for e in cl["endpoints"] if e["name"] != "db-1"]
-    assert "shop/db-1: endpoint removed (identity %d)" % db in C.diff(new, C.compile_node(base, cl))
+    assert "shop/db-1: endpoint removed (identity %d)" % db in C.diff(after, C.compile_node(base, cl))
     deny = C.compile_node(pols("""
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -280,7 +280,7 @@ spec:
   endpointSelector: {matchLabels: {app: db}}
   egressDeny: [{toCIDRSet: [{cidr: 10.0.0.0/8}], toPorts: [{ports: [{port: '1', endPort: 1024, protocol: UDP}]}]}]
 """), CLUSTER)
-    assert C.diff(old, deny) == [
+    assert C.diff(before, deny) == [
         "shop/db-1: egress now isolated (default deny)",
         "shop/db-1: egress + deny to identity 16777216 (cidr:10.0.0.0/8,reserved:world) UDP/1-1024 "
         "(CiliumNetworkPolicy shop/d egressDeny[0])",

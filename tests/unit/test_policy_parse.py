@@ -51,8 +51,8 @@ def test_example_backend_ingress_is_accepted():
     assert pol["kind"] == "NetworkPolicy" and pol["namespace"] == "production" and pol["name"] == "backend-ingress"
     [spec] = pol["specs"]
     assert spec["ingress_isolation"] and not spec["egress_isolation"]
-    assert spec["subject"] == (("k8s", "app", "In", ("backend",)), ("k8s", "io.kubernetes.pod.namespace", "In",
-                                                                     ("production",)))
+    assert spec["subject"] == (("k8s", "app", "In", ("backend",)),
+                               ("k8s", "io.kubernetes.pod.namespace", "In", ("production",)))
     [rule] = spec["rules"]
     assert rule["name"] == "NetworkPolicy production/backend-ingress ingress[0]"
     assert rule["peers"] == [{"selector": (("k8s", "app", "In", ("frontend",)),

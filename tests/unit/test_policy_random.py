@@ -92,7 +92,7 @@ def _inside(inner, outer):
 
 def _np_ports(rng, named_ok):
     ports = []
-    for _ in range(rng.randint(1, 2)):
+    for _i in range(rng.randint(1, 2)):
         p = {}
         if rng.random() < 0.6:
             p["protocol"] = rng.choice(("TCP", "UDP", "SCTP"))
@@ -131,11 +131,11 @@ def _np(rng, i):
         if types is None and direction == "egress" and rng.random() < 0.5:
             continue
         rules = []
-        for _ in range(rng.randint(0, 2)):
+        for _i in range(rng.randint(0, 2)):
             rule = {}
             has_block = False
             if rng.random() < 0.7:
-                rule[field] = [_np_peer(rng, True) for _ in range(rng.randint(1, 2))]
+                rule[field] = [_np_peer(rng, True) for _i in range(rng.randint(1, 2))]
                 has_block = any("ipBlock" in p for p in rule[field])
             if rng.random() < 0.6:
                 rule["ports"] = _np_ports(rng, named_ok=direction == "ingress" or not has_block)
@@ -165,7 +165,7 @@ def _cilium_rule(rng, pre, deny):
     rule = {}
     r = rng.random()
     if r < 0.3:
-        rule[pre + "Endpoints"] = [_cilium_selector(rng, True) for _ in range(rng.randint(1, 2))]
+        rule[pre + "Endpoints"] = [_cilium_selector(rng, True) for _i in range(rng.randint(1, 2))]
     elif r < 0.45:
         rule[pre + "Entities"] = rng.sample(["world", "cluster", "host", "remote-node", "all", "none"], rng.randint(1, 2))
     elif r < 0.55:
@@ -174,7 +174,7 @@ def _cilium_rule(rng, pre, deny):
         rule[pre + "CIDRSet"] = [_cidr(rng, False)]
     if rng.random() < 0.5 or (not rule and rng.random() < 0.7):
         ports = []
-        for _ in range(rng.randint(1, 2)):
+        for _i in range(rng.randint(1, 2)):
             p = {"port": rng.choice(("80", "443", "53", "0", "5432", "http", "dns", "pg", "metrics"))}
             if rng.random() < 0.7:
                 p["protocol"] = rng.choice(("TCP", "UDP", "ANY", "SCTP"))
@@ -191,7 +191,7 @@ def _cnp(rng, i):
     for section in ("ingress", "ingressDeny", "egress", "egressDeny"):
         if rng.random() < (0.5 if "Deny" not in section else 0.25):
             pre = "from" if section.startswith("ingress") else "to"
-            spec[section] = [_cilium_rule(rng, pre, "Deny" in section) for _ in range(rng.randint(1, 2))]
+            spec[section] = [_cilium_rule(rng, pre, "Deny" in section) for _i in range(rng.randint(1, 2))]
     if rng.random() < 0.2:
         spec["enableDefaultDeny"] = dict((d, rng.random() < 0.5) for d in ("ingress", "egress") if rng.random() < 0.7)
     md = {"name": "c%d" % i}
@@ -228,8 +228,8 @@ def test_reference_and_compiled_agree(seed):
             c_ok, c_why = net.decide(s, d, proto, port)
             decided[r_ok] += 1
             if r_ok != c_ok:
-                bad.append("%s -> %s %s/%d: reference %s (%s), compiled %s (%s)" % (s, d, proto, port, r_ok, r_why,
-                                                                                   c_ok, c_why))
+                bad.append("%s -> %s %s/%d: reference %s (%s), compiled %s (%s)"
+                           % (s, d, proto, port, r_ok, r_why, c_ok, c_why))
     assert not bad, "seed %d, %d disagreements:\n%s\npolicies: %s" % (seed, len(bad), "\n".join(bad[:10]), docs)
 
 
