@@ -242,6 +242,25 @@ def test_cluster_validation(mutate, msg):
         C.compile_node([], c)
 
 
+def test_kube_apiserver_addresses():
+    cl = dict(CLUSTER, kube_apiserver=["10.0.0.1"])
+    out = C.compile_node(pols("""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: api, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress: [{toEntities: [kube-apiserver]}]
+"""), cl)
+    assert ["10.0.0.1/32", 7] in out["ipcache"]
+    assert entries(out, "shop/web-1") == [(7, False, 0, 0, 0, False)]
+    assert E.lookup(out, "shop/web-1", "egress", "10.0.0.1", "TCP", 443)[0]
+    assert not E.lookup(out, "shop/web-1", "egress", "10.0.0.2", "TCP", 443)[0]
+    with pytest.raises(P.PolicyError, match=r"cluster.kube_apiserver\[0\]: 192.168.1.11 is node n1: an API server on "
+                                            r"a node or pod address is not supported yet"):
+        C.compile_node([], dict(CLUSTER, kube_apiserver=["192.168.1.11"]))
+
+
 def test_diff():
     base = pols("""
 apiVersion: networking.k8s.io/v1

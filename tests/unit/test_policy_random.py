@@ -20,6 +20,7 @@ APPS = ("web", "db", "api")
 TIERS = ("front", "back")
 WORLD = ("203.0.113.10", "198.51.100.20", "198.51.100.200", "10.9.0.1")
 NODES = {"n1": "192.168.1.11", "n2": "192.168.1.12"}
+APISERVER = "192.168.1.10"
 PROBES = (("TCP", 80), ("TCP", 443), ("UDP", 53), ("TCP", 5432), ("TCP", 9090), ("UDP", 80), ("SCTP", 80))
 NAMED = ("http", "pg", "dns", "metrics", "nothing")
 CIDRS = ("10.244.0.0/16", "10.244.1.0/24", "10.244.2.0/24", "203.0.113.0/24", "198.51.100.0/24", "0.0.0.0/0",
@@ -52,7 +53,7 @@ def _cluster(rng):
         node = rng.choice(sorted(NODES))
         eps.append({"namespace": rng.choice(NAMESPACES), "name": "p%d" % i, "node": node, "labels": labels,
                     "ips": ["10.244.%d.%d" % (1 if node == "n1" else 2, 10 + i)], "ports": _ports_for(labels)})
-    return {"namespaces": nss, "endpoints": eps,
+    return {"namespaces": nss, "endpoints": eps, "kube_apiserver": [APISERVER],
             "nodes": [{"name": n, "ips": [ip]} for n, ip in sorted(NODES.items())], "local_node": "n1"}
 
 
@@ -154,7 +155,7 @@ def _cilium_selector(rng, namespaced):
     elif r < 0.25:
         sel = {"matchLabels": {"k8s:io.cilium.k8s.namespace.labels.env": rng.choice(("prod", "dev"))}}
     elif r < 0.35:
-        sel = {"matchLabels": {"reserved:%s" % rng.choice(("host", "remote-node", "world")): ""}}
+        sel = {"matchLabels": {"reserved:%s" % rng.choice(("host", "remote-node", "world", "kube-apiserver")): ""}}
     elif r < 0.45 and "matchLabels" in sel:
         sel["matchLabels"] = dict(("any:" + k if rng.random() < 0.5 else "k8s:" + k, v)
                                   for k, v in sel["matchLabels"].items())
@@ -167,7 +168,8 @@ def _cilium_rule(rng, pre, deny):
     if r < 0.3:
         rule[pre + "Endpoints"] = [_cilium_selector(rng, True) for _i in range(rng.randint(1, 2))]
     elif r < 0.45:
-        rule[pre + "Entities"] = rng.sample(["world", "cluster", "host", "remote-node", "all", "none"], rng.randint(1, 2))
+        rule[pre + "Entities"] = rng.sample(["world", "cluster", "host", "remote-node", "all", "none", "kube-apiserver"],
+                                             rng.randint(1, 2))
     elif r < 0.55:
         rule[pre + "CIDR"] = [rng.choice(CIDRS)]
     elif r < 0.7:
@@ -217,7 +219,7 @@ def test_reference_and_compiled_agree(seed):
     ref = E.Evaluator(pols, cluster)
     net = E.CompiledNetwork(C.compile_all(pols, cluster))
     keys = ["%s/%s" % (e["namespace"], e["name"]) for e in cluster["endpoints"]]
-    others = list(WORLD) + sorted(NODES.values())
+    others = list(WORLD) + sorted(NODES.values()) + [APISERVER]
     pairs = [(s, d) for s in keys for d in keys] + [(o, k) for o in others for k in keys] + \
         [(k, o) for k in keys for o in others]
     bad = []

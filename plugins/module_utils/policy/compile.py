@@ -14,7 +14,8 @@ Input ``cluster``::
     {"namespaces": {name: {labels} | {"labels": {labels}}},       # a namespace not listed has no labels
      "endpoints": [{"namespace", "name", "node", "labels": {..}, "ips": ["10.244.1.5/24" | "10.244.1.5"],
                     "ports": [{"name", "port", "protocol"}]}],    # protocol TCP (default), UDP, SCTP
-     "nodes": [{"name", "ips": [..]}], "local_node": name}
+     "nodes": [{"name", "ips": [..]}], "local_node": name,
+     "kube_apiserver": [ip, ...]}                                  # optional: the API server's addresses
 
 Output (JSON-serialisable; ids are ints)::
 
@@ -22,7 +23,7 @@ Output (JSON-serialisable; ids are ints)::
      "identities": {id: {"labels": [...], "kind": "reserved" | "endpoint" | "cidr", "cidr": "a.b.c.d/n"}},
      "ipcache": [[prefix, id], ...],     # every endpoint IPv4 address /32 -> its identity, every node
                                          # address /32 -> 1 (host) on this node, 6 (remote-node) else;
-                                         # sorted by address
+                                         # every kube_apiserver address /32 -> 7; sorted by address
      "cidrs": [[prefix, id], ...],       # the prefixes policies name -> CIDR identity (2**24 + i)
      "endpoints": {"<namespace>/<name>": {          # the endpoints on this node
          "ip": first IPv4 address, "identity": id, "node": name,
@@ -45,8 +46,8 @@ host (identity 1) to a local endpoint is always allowed (Cilium's allow-localhos
 to itself never reaches the dataplane (loopback).
 
 Selector expansion (the selector cache: one identity set per distinct selector): a label selector
-selects the endpoint and reserved identities whose labels match (namespace rules are applied by
-parse); entity ``all`` = {0}; ``world`` = {2} + every CIDR identity; ``cluster`` = host,
+selects the endpoint, reserved and CIDR identities whose labels match (namespace rules are applied by
+parse; a CIDR identity carries ``reserved:world`` too, as in Cilium); entity ``all`` = {0}; ``world`` = {2} + every CIDR identity; ``cluster`` = host,
 remote-node, unmanaged, init, health, kube-apiserver, ingress and every endpoint identity; the
 other entities their reserved identity; ``none`` = {}. A CIDR peer (cidr minus excepts) selects
 the CIDR identities whose prefix lies inside the cidr and not inside an except, plus world when the
@@ -190,13 +191,33 @@ def prepare_cluster(cluster):
         node = e.get("node") or ""
         eps.append({"key": key, "namespace": ns, "name": name, "node": node, "labels": lbl, "ips": ips,
                     "ports": tuple(sorted(set(ports)))})
+    apiserver = []
+    raw_api = cluster.get("kube_apiserver") or []
+    if not isinstance(raw_api, list):
+        errs.append("cluster.kube_apiserver: must be a list of the API server's addresses")
+        raw_api = []
+    for j, ip in enumerate(raw_api):
+        try:
+            a = _ipv4(ip)
+        except (ValueError, TypeError):
+            errs.append("cluster.kube_apiserver[%d]: %r is not an IP address" % (j, ip))
+            continue
+        if a is None:
+            continue
+        if str(a) in seen_ips:
+            errs.append("cluster.kube_apiserver[%d]: %s is %s: an API server on a node or pod address is not "
+                        "supported yet (its identity would be the node's)" % (j, a, seen_ips[str(a)]))
+            continue
+        seen_ips[str(a)] = "the API server"
+        apiserver.append(str(a))
     if errs:
         raise PolicyError(errs)
     eps.sort(key=lambda x: x["key"])
     for e in eps:
         if e["node"]:
             nodes.setdefault(e["node"], [])
-    return {"namespaces": nss, "endpoints": eps, "nodes": nodes, "local_node": cluster.get("local_node")}
+    return {"namespaces": nss, "endpoints": eps, "nodes": nodes, "kube_apiserver": apiserver,
+            "local_node": cluster.get("local_node")}
 
 
 def _as_policies(policies):
@@ -423,6 +444,8 @@ class _Model(object):
         for n, ips in self.cluster["nodes"].items():
             for ip in ips:
                 ipcache.append((ipaddress.IPv4Address(ip), _id.HOST if n == node else _id.REMOTE_NODE))
+        for ip in self.cluster["kube_apiserver"]:
+            ipcache.append((ipaddress.IPv4Address(ip), _id.KUBE_APISERVER))
         ipcache.sort()
         return {
             "node": node,

@@ -8,7 +8,7 @@ from the Kubernetes and Cilium semantics on the policy documents themselves (sel
 ipBlock, CIDR rules, entities, named ports, deny rules, default deny), independent of
 ``compile.py`` (``parse.normalize`` only validates the input). ``Evaluator(policies, cluster)`` does
 the same for many connections. ``src``/``dst``: an endpoint ``"<namespace>/<name>"`` or an IPv4
-address (an endpoint's, a node's, or anything else: world). ``protocol``: TCP, UDP, SCTP (or 6,
+address (an endpoint's, a node's, one of ``cluster["kube_apiserver"]``, or anything else: world). ``protocol``: TCP, UDP, SCTP (or 6,
 17, 132).
 
 A connection is allowed when the source endpoint's egress allows it (a source that is not an
@@ -59,7 +59,7 @@ def _net(text):
 
 
 class _Peer(object):
-    """A packet's other end: kind "endpoint" (ep), "node" (node name) or "world"; ip."""
+    """A packet's other end: kind "endpoint" (ep), "node" (node name), "kube-apiserver" or "world"; ip."""
 
     def __init__(self, kind, ip, ep=None, node=None):
         self.kind, self.ip, self.ep, self.node = kind, ip, ep, node
@@ -90,6 +90,7 @@ class Evaluator(object):
             self.endpoints[key] = ep
             for ip in ips:
                 self.by_ip[ip] = ep
+        self.apiserver = set(str(_addr(ip)) for ip in cluster.get("kube_apiserver") or [])
         self.node_of_ip = {}
         for n in cluster.get("nodes") or []:
             for ip in n.get("ips") or []:
@@ -107,6 +108,8 @@ class Evaluator(object):
             return _Peer("endpoint", ip, ep=self.by_ip[ip])
         if ip in self.node_of_ip:
             return _Peer("node", ip, node=self.node_of_ip[ip])
+        if ip in self.apiserver:
+            return _Peer("kube-apiserver", ip)
         return _Peer("world", ip)
 
     def _namespace_labels(self, ns):
@@ -122,6 +125,8 @@ class Evaluator(object):
             return {"k8s": k8s, "reserved": {}}
         if peer.kind == "node":
             return {"k8s": {}, "reserved": {("host" if peer.node == ep["node"] else "remote-node"): ""}}
+        if peer.kind == "kube-apiserver":
+            return {"k8s": {}, "reserved": {"kube-apiserver": ""}}
         return {"k8s": {}, "reserved": {"world": ""}}
 
     # Cilium selectors
@@ -277,7 +282,8 @@ class Evaluator(object):
                     return True
         for ent in rule.get(pre + "Entities") or []:
             if ent == "all" or (ent in ("world", "world-ipv4") and peer.kind == "world") \
-                    or (ent == "cluster" and peer.kind in ("endpoint", "node")) \
+                    or (ent == "cluster" and peer.kind in ("endpoint", "node", "kube-apiserver")) \
+                    or (ent == "kube-apiserver" and peer.kind == "kube-apiserver") \
                     or (ent == "host" and peer.kind == "node" and peer.node == ep["node"]) \
                     or (ent == "remote-node" and peer.kind == "node" and peer.node != ep["node"]):
                 return True

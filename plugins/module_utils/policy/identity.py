@@ -18,7 +18,8 @@
   number. Identities stay below 2**24 (they travel in the 24-bit VXLAN VNI).
 - CIDR identities (``cidr_identities``): one per distinct prefix that policies name (``except``
   prefixes included), ``2**24 + index`` in (network address, prefix length) order; node-local (they
-  never travel). ``0.0.0.0/0`` has none: it is world (2), as in Cilium.
+  never travel). ``0.0.0.0/0`` has none: it is world (2), as in Cilium. Their labels (compile.py):
+  ``cidr:<prefix>`` and ``reserved:world``.
 """
 
 from __future__ import absolute_import, division, print_function
