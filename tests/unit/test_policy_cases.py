@@ -51,6 +51,24 @@ def test_case_matrix(case, layout):
     assert not problems, "\n".join(problems[:20])
 
 
+def test_decide_function_and_reasons():
+    case = next(c for c in PC.CASES if c["name"] == "ingress-podselector")
+    docs = parse.load_text(PC.render(case), "case.yaml")
+    cl = PC.cluster()
+    assert evaluate.decide(docs, cl, "x/b", "x/a", "TCP", 80) == (
+        True, "egress of x/b: not isolated; ingress of x/a: allowed by NetworkPolicy x/allow-b ingress[0]")
+    assert evaluate.decide(docs, cl, "x/c", "x/a", 6, 80) == (
+        False, "ingress of x/a: isolated by NetworkPolicy x/allow-b and no rule allows it")
+    assert evaluate.decide(docs, cl, "x/a", "x/a", "UDP", 81) == (True, evaluate.LOOPBACK)
+    host = PC.NODES[PC.NODE_OF["x/a"]]
+    assert evaluate.decide(docs, cl, host, "x/a", "TCP", 80) == (True, "ingress of x/a: " + evaluate.HOST_TO_LOCAL_POD)
+    other = [ip for n, ip in PC.NODES.items() if n != PC.NODE_OF["x/a"]][0]
+    assert not evaluate.decide(docs, cl, other, "x/a", "TCP", 80)[0]          # a remote node is a peer like any
+    net = evaluate.CompiledNetwork(pcompile.compile_all(parse.normalize(docs), cl))
+    assert net.decide(host, "x/a", "TCP", 80) == (True, "ingress of x/a: " + evaluate.HOST_TO_LOCAL_POD)
+    assert not net.decide(other, "x/a", "TCP", 80)[0]
+
+
 def test_case_data_is_sound():
     names = [c["name"] for c in PC.CASES]
     assert len(names) == len(set(names))
