@@ -168,8 +168,8 @@ def _cilium_rule(rng, pre, deny):
     if r < 0.3:
         rule[pre + "Endpoints"] = [_cilium_selector(rng, True) for _i in range(rng.randint(1, 2))]
     elif r < 0.45:
-        rule[pre + "Entities"] = rng.sample(["world", "cluster", "host", "remote-node", "all", "none", "kube-apiserver"],
-                                             rng.randint(1, 2))
+        entities = ["world", "cluster", "host", "remote-node", "all", "none", "kube-apiserver"]
+        rule[pre + "Entities"] = rng.sample(entities, rng.randint(1, 2))
     elif r < 0.55:
         rule[pre + "CIDR"] = [rng.choice(CIDRS)]
     elif r < 0.7:
