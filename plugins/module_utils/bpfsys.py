@@ -94,6 +94,7 @@ LINK_TYPE_TCX = 11
 # flags
 F_NO_PREALLOC = 1
 F_REPLACE = 4           # BPF_F_REPLACE (link update: old_prog_fd must match)
+F_BEFORE = 8            # BPF_F_BEFORE (tcx link create: before every program on the hook when no relative one is named)
 XDP_FLAGS = {"auto": 0, "generic": 2, "native": 4, "offload": 8}
 
 _ATTR_SIZE = 144         # >= every layout we use; the kernel zero-checks any tail beyond its own size
@@ -404,15 +405,28 @@ def _map_dump_iter(fd, key_size, value_size):
 
 # ---- programs and links -----------------------------------------------------------------------
 
-def prog_test_run(prog_fd, data, data_out_size=None, repeat=1):
-    """BPF_PROG_TEST_RUN of a packet: (return value, packet afterwards)."""
+SKB_CTX_SIZE = 192          # sizeof(struct __sk_buff)
+SKB_CTX_MARK = 8            # offsets of the fields a test run takes from and gives back in ctx
+SKB_CTX_IFINDEX = 40
+
+
+def prog_test_run(prog_fd, data, data_out_size=None, repeat=1, ctx=None):
+    """BPF_PROG_TEST_RUN of a packet: (return value, packet afterwards), or with ``ctx`` (a struct __sk_buff
+    as bytes: mark, ifindex, ... - what the kernel lets a test set) (return value, packet, ctx afterwards)."""
     din = ctypes.create_string_buffer(data, len(data))
     size = data_out_size or len(data) + 256
     dout = ctypes.create_string_buffer(size)
-    attr = _attr((0, "I", prog_fd), (8, "I", len(data)), (12, "I", size), (16, "Q", _addr(din)),
-                 (24, "Q", _addr(dout)), (32, "I", repeat))
+    fields = [(0, "I", prog_fd), (8, "I", len(data)), (12, "I", size), (16, "Q", _addr(din)),
+              (24, "Q", _addr(dout)), (32, "I", repeat)]
+    if ctx is not None:
+        cin = ctypes.create_string_buffer(ctx, len(ctx))
+        cout = ctypes.create_string_buffer(len(ctx))
+        fields += [(40, "I", len(ctx)), (44, "I", len(ctx)), (48, "Q", _addr(cin)), (56, "Q", _addr(cout))]
+    attr = _attr(*fields)
     sys_bpf(PROG_TEST_RUN, attr, "test run")
     retval, out_size = struct.unpack_from("=II", attr, 4)
+    if ctx is not None:
+        return retval, dout.raw[:out_size], cout.raw
     return retval, dout.raw[:out_size]
 
 

@@ -43,6 +43,9 @@ import zipfile
 
 from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys, hostroute, loader, manifest as _manifest
 from ansible_collections.kldload.netstack.plugins.module_utils import labels as _labels
+from ansible_collections.kldload.netstack.plugins.module_utils import podnet as _podnet
+from ansible_collections.kldload.netstack.plugins.module_utils.policy import maps as _policy_maps
+from ansible_collections.kldload.netstack.plugins.module_utils.policy import node as _policy_node
 
 NETWORK = "kldload-netstack"
 CONFLIST_PATH = "/etc/cni/net.d/05-kldload-netstack.conflist"
@@ -569,6 +572,23 @@ def _host_routing(dp, rec, add):
         raise CNIError(E_IO, "cannot %s the endpoint in %s" % ("add" if add else "remove", hostroute.ENDPOINTS), str(e))
 
 
+def _policy(dp, directory):
+    """The identity and policy maps made to match the endpoint records again (policy/node.py), when the node
+    runs the policy object: a pod added is enforced at once, with an identity from its labels; one deleted
+    leaves no entry."""
+    if not dp or not isinstance(dp.get("pin_path"), str):
+        return
+    names = [o.get("name") for o in dp.get("objects") or [] if isinstance(o, dict)]
+    if _policy_node.OBJECT not in names:
+        return
+    try:
+        _policy_node.apply(os.path.join(dp["pin_path"], loader.GLOBALS), _policy_node.read_state(),
+                           list_endpoints(directory), _podnet.normalize(dp.get("pods")),
+                           tunnel=_policy_node.TUNNEL_OBJECT in names)
+    except (OSError, ValueError, _policy_maps.PolicyMapError) as e:
+        raise CNIError(E_IO, "cannot write the policy maps", str(e))
+
+
 def _gc(conf, directory, dp):
     valid = conf.get(VALID_ATTACHMENTS)
     if valid is None:
@@ -589,6 +609,7 @@ def _gc(conf, directory, dp):
             _host_routing(dp, rec, add=False)
             detach_endpoint(rec.get("programs"))
             _unlink(record_path(directory, rec["container_id"], rec["ifname"]))
+    _policy(dp, directory)
 
 
 def _dataplane(environ):
@@ -606,11 +627,12 @@ def _dataplane(environ):
     return cfg
 
 
-def endpoint_programs(cfg):
-    """The programs the node's objects declare for endpoints (manifest target ``endpoint``):
-    [{object, program, attach, prog_pin}], from the manifests in the node bundle and the programs the
-    loader pinned (``<pin root>/<object>/progs_<version>/<program>``). CNIError 11 when an object
-    with endpoint programs is not loaded (yet)."""
+def endpoint_programs(cfg, target="endpoint"):
+    """The programs the node's objects declare for endpoints (manifest target ``endpoint``; or another
+    target the loader does not attach itself: ``tunnel``): [{object, program, attach, first, prog_pin}],
+    from the manifests in the node bundle and the programs the loader pinned
+    (``<pin root>/<object>/progs_<version>/<program>``). CNIError 11 when an object with such programs is
+    not loaded (yet)."""
     names = [o.get("name") for o in (cfg or {}).get("objects") or [] if isinstance(o, dict)]
     if not names:
         return []
@@ -633,17 +655,17 @@ def endpoint_programs(cfg):
             m = _manifest.validate(docs[name], "%s:%s" % (bundle, name), bpfsys.ATTACH_TYPES)
         except _manifest.ManifestError as e:
             raise CNIError(E_NOT_AVAILABLE, "the manifest of %s in the node bundle is invalid" % name, str(e))
-        progs = sorted(p for p, v in m["programs"].items() if v["target"] == "endpoint")
+        progs = sorted(p for p, v in m["programs"].items() if v["target"] == target)
         if not progs:
             continue
         objdir = os.path.join(root, name)
         loaded = sorted(d for d in (os.listdir(objdir) if os.path.isdir(objdir) else [])
                         if d.startswith(loader.PROGS_PREFIX))
         if not loaded:
-            raise CNIError(E_TRY_AGAIN, "object %s, which has endpoint programs, is not loaded in %s" % (name, root))
+            raise CNIError(E_TRY_AGAIN, "object %s, which has %s programs, is not loaded in %s" % (name, target, root))
         for p in progs:
             out.append({"object": name, "program": p, "attach": m["programs"][p]["attach"],
-                        "prog_pin": os.path.join(objdir, loaded[-1], p)})
+                        "first": m["programs"][p]["first"], "prog_pin": os.path.join(objdir, loaded[-1], p)})
     return out
 
 
@@ -666,30 +688,13 @@ def attach_endpoint(cfg, container_id, ifname, host_interface):
     try:
         for p in progs:
             pin = _link_pin(cfg["pin_path"], p["object"], container_id, ifname, p["program"])
-            if not os.path.isdir(os.path.dirname(pin)):
-                os.mkdir(os.path.dirname(pin), 0o700)
-            if os.path.lexists(pin):
-                loader.unpin_link(pin)          # a repeated ADD: the interface may be a new one
-            with bpfsys.obj_get(p["prog_pin"]) as pfd:
-                with bpfsys.link_create(pfd, ifindex, p["attach"]) as lfd:
-                    bpfsys.obj_pin(lfd, pin)
+            loader.hold_link(pin, p["prog_pin"], ifindex, p["attach"], p["first"])
             done.append({"object": p["object"], "program": p["program"], "attach": p["attach"], "pin": pin})
     except OSError as e:
         for d in done:
             loader.unpin_link(d["pin"])
         raise CNIError(E_IO, "cannot attach the endpoint programs to %s" % host_interface, str(e))
     return done
-
-
-def _link_current(pin, prog_pin, ifindex):
-    """Whether the link pinned at ``pin`` runs the program pinned at ``prog_pin`` on ``ifindex``."""
-    if not os.path.exists(pin):
-        return False
-    kind, info = bpfsys.pinned_info(pin)
-    if kind != "link" or info.get("ifindex") != ifindex:
-        return False
-    kind, prog = bpfsys.pinned_info(prog_pin)
-    return kind == "prog" and prog["id"] == info["prog_id"]
 
 
 def reconcile_endpoints(cfg, directory=None, check=False):
@@ -720,23 +725,8 @@ def reconcile_endpoints(cfg, directory=None, check=False):
             pin = _link_pin(cfg["pin_path"], p["object"], cid, ifn, p["program"])
             mine.append(pin)
             out.append({"object": p["object"], "program": p["program"], "attach": p["attach"], "pin": pin})
-            if _link_current(pin, p["prog_pin"], ifindex):
-                continue
-            changes.append("endpoint %s: attach %s/%s (%s)" % (_ep_name(rec), p["object"], p["program"], p["attach"]))
-            if check:
-                continue
-            if not os.path.isdir(os.path.dirname(pin)):
-                os.mkdir(os.path.dirname(pin), 0o700)
-            kind = bpfsys.pinned_info(pin)[0] if os.path.exists(pin) else None
-            with bpfsys.obj_get(p["prog_pin"]) as pfd:
-                if kind == "link" and bpfsys.pinned_info(pin)[1].get("ifindex") == ifindex:
-                    with bpfsys.obj_get(pin) as lfd:
-                        bpfsys.link_update(lfd, pfd)
-                else:
-                    if os.path.lexists(pin):
-                        loader.unpin_link(pin)
-                    with bpfsys.link_create(pfd, ifindex, p["attach"]) as lfd:
-                        bpfsys.obj_pin(lfd, pin)
+            if loader.hold_link(pin, p["prog_pin"], ifindex, p["attach"], p["first"], check):
+                changes.append("endpoint %s: attach %s/%s (%s)" % (_ep_name(rec), p["object"], p["program"], p["attach"]))
         for d in have:
             if d.get("pin") not in mine:
                 if isinstance(d.get("pin"), str) and os.path.lexists(d["pin"]):
@@ -819,7 +809,9 @@ def plugin_main(environ, stdin, stdout):
                 raise CNIError(E_IO, "cannot write the endpoint record in %s" % directory, str(e))
             try:
                 _host_routing(dp, rec, add=True)
+                _policy(dp, directory)
             except CNIError:
+                _host_routing(dp, rec, add=False)
                 detach_endpoint(rec["programs"])
                 _unlink(record_path(directory, rec["container_id"], rec["ifname"]))
                 raise
@@ -834,13 +826,16 @@ def plugin_main(environ, stdin, stdout):
                 old = _read_json(path)
             except (IOError, OSError, ValueError):
                 old = None
+            dp = _dataplane(environ)
             try:
                 if old:
-                    _host_routing(_dataplane(environ), old, add=False)
+                    _host_routing(dp, old, add=False)
                 detach_endpoint((old or {}).get("programs"))
                 _unlink(path)
             except OSError as e:
                 raise CNIError(E_IO, "cannot remove the endpoint record", str(e))
+            if old:
+                _policy(dp, directory)
             return 0
         if command == "CHECK":
             _need_env(environ, ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"))

@@ -46,6 +46,7 @@ GLOBALS = mf.GLOBALS
 GLOBALS_NEXT = "globals_next"
 LINKS = "links"
 ENDPOINT_LINKS = "endpoints"    # <object>/endpoints/: the per-pod links netstack-cni pins (cni.py)
+TUNNEL_LINKS = "tunnel"         # <object>/tunnel/: the links to the pod network's VXLAN device (runtime.py)
 MAPS = "maps"
 PROGS_PREFIX = "progs_"
 STAGING = "staging"
@@ -95,7 +96,7 @@ def resolve_attachments(attach, objdir):
         if not isinstance(a, dict) or not a.get("program"):
             raise ProgError("%s.program: required" % where)
         t = canonical_type(a.get("type", ""), where)
-        entry = {"program": a["program"], "type": t, "xdp_mode": a.get("xdp_mode") or "auto"}
+        entry = {"program": a["program"], "type": t, "xdp_mode": a.get("xdp_mode") or "auto", "first": bool(a.get("first"))}
         if t.startswith("cgroup_"):
             cg = a.get("cgroup")
             if not cg:
@@ -134,7 +135,8 @@ def resolve_attachments(attach, objdir):
 def targets_to_attach(manifest, targets, where="targets"):
     """Explicit attach entries for the programs of a manifest, from where the node wants them:
     ``targets`` {cgroup: path (None: the node's cgroup2 mount), families: [4, 6], devices: [names]}.
-    Programs whose target is ``endpoint`` are attached per pod by the CNI plugin, not here."""
+    Programs whose target is ``endpoint`` are attached per pod by the CNI plugin, ``tunnel`` ones to the VXLAN
+    device by the node apply (runtime.py), not here."""
     targets = targets or {}
     families = targets.get("families") or [4, 6]
     cgroup = targets.get("cgroup") or None
@@ -151,7 +153,7 @@ def targets_to_attach(manifest, targets, where="targets"):
         elif p["target"] == "device":
             for dev in targets.get("devices") or []:
                 out.append({"program": name, "type": p["attach"], "device": dev,
-                            "xdp_mode": targets.get("xdp_mode") or "auto"})
+                            "xdp_mode": targets.get("xdp_mode") or "auto", "first": p.get("first", False)})
     return out
 
 
@@ -615,11 +617,18 @@ def _apply_links(oa, module, run):
                 finally:
                     os.close(tfd)
             else:
-                flags = bpfsys.XDP_FLAGS[a["xdp_mode"]] if a["type"] == "xdp" else 0
-                lfd = bpfsys.link_create(pfd, a["ifindex"], a["type"], flags)
+                lfd = bpfsys.link_create(pfd, a["ifindex"], a["type"], link_flags(a))
             with lfd:
                 bpfsys.obj_pin(lfd, a["pin"])
         run.did("create link %s" % a["pin"], lambda pin=a["pin"]: unpin_link(pin))
+
+
+def link_flags(a):
+    """BPF_LINK_CREATE flags of an attachment to a device: the XDP mode, or BPF_F_BEFORE for a tcx program
+    that goes first (a manifest's ``first``)."""
+    if a["type"] == "xdp":
+        return bpfsys.XDP_FLAGS[a.get("xdp_mode") or "auto"]
+    return bpfsys.F_BEFORE if a.get("first") and a["type"].startswith("tcx_") else 0
 
 
 def _finish_object(oa):
@@ -642,6 +651,42 @@ def _finish_object(oa):
             os.unlink(p)
 
 
+def link_current(pin, prog_pin, ifindex):
+    """Whether the link pinned at ``pin`` runs the program pinned at ``prog_pin`` on ``ifindex``."""
+    if not os.path.exists(pin):
+        return False
+    kind, info = bpfsys.pinned_info(pin)
+    if kind != "link" or info.get("ifindex") != ifindex:
+        return False
+    kind, prog = bpfsys.pinned_info(prog_pin)
+    return kind == "prog" and prog["id"] == info["prog_id"]
+
+
+def hold_link(pin, prog_pin, ifindex, attach, first=False, check=False):
+    """The link pinned at ``pin`` runs the program pinned at ``prog_pin`` on device ``ifindex`` (tcx): a
+    link on that device moves to the program with BPF_LINK_UPDATE (no moment without one), a missing link
+    or one on another device (the device was made again) is created (``first``: before the other programs
+    on the hook). The links the node apply or the CNI plugin attach outside an object's ``links/``
+    (endpoints, the tunnel device) all go through here. Returns whether it changed (would change) anything."""
+    if link_current(pin, prog_pin, ifindex):
+        return False
+    if check:
+        return True
+    if not os.path.isdir(os.path.dirname(pin)):
+        os.mkdir(os.path.dirname(pin), 0o700)
+    kind, info = bpfsys.pinned_info(pin) if os.path.exists(pin) else (None, {})
+    with bpfsys.obj_get(prog_pin) as pfd:
+        if kind == "link" and info.get("ifindex") == ifindex:
+            with bpfsys.obj_get(pin) as lfd:
+                bpfsys.link_update(lfd, pfd)
+        else:
+            if os.path.lexists(pin):
+                unpin_link(pin)
+            with bpfsys.link_create(pfd, ifindex, attach, link_flags({"type": attach, "first": first})) as lfd:
+                bpfsys.obj_pin(lfd, pin)
+    return True
+
+
 def unpin_link(pin):
     """Detach a pinned BPF link at once (BPF_LINK_DETACH, 5.9+) and unpin it. Unpinning alone detaches
     only when the kernel frees the link, which it defers."""
@@ -658,8 +703,11 @@ def unpin_link(pin):
 def remove_object(objdir):
     """Unpin one object: links first (detached), then programs, then its private maps."""
     cur = _inspect_object(objdir)
-    eps = os.path.join(objdir, ENDPOINT_LINKS)
-    for pin in sorted(cur["links"]) + sorted(os.path.join(eps, n) for n in (os.listdir(eps) if os.path.isdir(eps) else [])):
+    extra = []
+    for sub in (ENDPOINT_LINKS, TUNNEL_LINKS):
+        d = os.path.join(objdir, sub)
+        extra += sorted(os.path.join(d, n) for n in (os.listdir(d) if os.path.isdir(d) else []))
+    for pin in sorted(cur["links"]) + extra:
         unpin_link(pin)     # detached now: an unpinned link lingers until the kernel frees it
     for d in sorted(cur["progs"]):
         _rmtree_bpffs(os.path.join(objdir, d))

@@ -9,7 +9,10 @@ beside the compiled object (``<name>.o`` + ``<name>.manifest.json``). It declare
 * ``programs``: name -> {attach (attach type), target, family}. ``target`` says where the runtime
   attaches the program: ``cgroup`` (the node's cgroup2 root, or the cgroup given), ``device`` (the
   devices the configuration names), ``endpoint`` (each pod's host-side interface; attached by the
-  CNI plugin, not by the node apply). ``family`` (4 or 6) lets a node without IPv6 skip a program.
+  CNI plugin, not by the node apply), ``tunnel`` (the pod network's VXLAN device in tunnel mode;
+  attached by the node apply after it made the device). ``family`` (4 or 6) lets a node without IPv6
+  skip a program. ``first`` (tcx only) puts the program before the others on its hook (BPF_F_BEFORE):
+  a policy program that must judge a packet before a forwarding program redirects it.
 * ``maps``: name -> {type, key_size, value_size, max_entries (the default), flags, shared,
   version, migrations}. A *shared* map is pinned once per node under ``<pin root>/globals/`` as
   ``<name>_v<version>`` and reused by every object that declares it (like Cilium's
@@ -32,13 +35,13 @@ import re
 
 GLOBALS = "globals"
 SUFFIX = ".manifest.json"
-TARGETS = ("cgroup", "device", "endpoint")
+TARGETS = ("cgroup", "device", "endpoint", "tunnel")
 MAP_TYPES = ("hash", "array", "percpu_hash", "percpu_array", "lru_hash", "lru_percpu_hash", "lpm_trie", "ringbuf")
 MIGRATIONS = ("copy", "extend")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,14}$")
 _MAP_KEYS = frozenset(["type", "key_size", "value_size", "max_entries", "flags", "shared", "version", "migrations",
                        "layout", "description"])
-_PROG_KEYS = frozenset(["attach", "target", "family", "description"])
+_PROG_KEYS = frozenset(["attach", "target", "family", "first", "description"])
 
 
 class ManifestError(ValueError):
@@ -106,7 +109,10 @@ def validate(doc, where="manifest", attach_types=None):
         family = p.get("family")
         if family not in (None, 4, 6):
             raise ManifestError("%s.family: must be 4 or 6, got %r" % (pw, family))
-        out["programs"][pname] = {"attach": attach, "target": target, "family": family}
+        first = p.get("first", False)
+        if not isinstance(first, bool) or (first and not attach.startswith("tcx_")):
+            raise ManifestError("%s.first: true or false, and only for tcx attach types, got %r" % (pw, first))
+        out["programs"][pname] = {"attach": attach, "target": target, "family": family, "first": first}
     maps = doc.get("maps") or {}
     if not isinstance(maps, dict):
         raise ManifestError("%s.maps: must be a mapping of map name to its spec" % where)

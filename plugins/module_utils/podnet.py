@@ -13,6 +13,10 @@ goes one of two ways (``routing_mode``):
   ``<pod cidr> via <pod cidr network address> dev kln_vxlan onlink``, a permanent neighbour entry for
   that gateway with the remote's derived MAC, and an fdb entry ``<remote MAC> dst <remote underlay ip>``.
   The device carries ``<own pod cidr network address>/32`` (what the other nodes route to).
+  With ``vxlan.external`` (the overlay object, bpf/overlay.c) the device is a collect_md one: no fdb, a
+  program on its egress sets each packet's tunnel key (the node and, as the VNI, the source's security
+  identity) and one on its ingress reads it; ``nodes[].tunnel_identity`` false keeps the fixed VNI for a
+  node whose release does not read identities.
 - ``native``: ``<pod cidr> via <remote underlay ip>`` (the underlay routes pods directly).
 
 Routes are made by routes.sync() (protocol 220) together with the configuration's ``routes``: one
@@ -138,10 +142,13 @@ def normalize(pods, where="config.pods"):
     if mtu:
         _int(mtu, 576, 65535, where + ".mtu")
     vx = pods.get("vxlan") or {}
-    _keys(vx, ("device", "vni", "port"), where + ".vxlan")
+    _keys(vx, ("device", "vni", "port", "external"), where + ".vxlan")
     vxlan = {"device": _ifname(vx.get("device", DEVICE), where + ".vxlan.device"),
              "vni": _int(vx.get("vni", VNI), 1, 16777215, where + ".vxlan.vni"),
-             "port": _int(vx.get("port", PORT), 1, 65535, where + ".vxlan.port")}
+             "port": _int(vx.get("port", PORT), 1, 65535, where + ".vxlan.port"),
+             "external": vx.get("external", False)}
+    if not isinstance(vxlan["external"], bool):
+        raise PodError("%s.vxlan.external: must be true or false" % where)
     if vxlan["device"] == underlay_if:
         raise PodError("%s.vxlan.device: %s is the underlay interface" % (where, vxlan["device"]))
     svc = _net(pods.get("service_cidr") or SERVICE_CIDR, where + ".service_cidr")
@@ -153,7 +160,7 @@ def normalize(pods, where="config.pods"):
     out_nodes, names, ips, nets = [], {}, {}, []
     for i, n in enumerate(nodes):
         w = "%s.nodes[%d]" % (where, i)
-        _keys(n, ("name", "underlay_ip", "pod_cidr"), w)
+        _keys(n, ("name", "underlay_ip", "pod_cidr", "tunnel_identity"), w)
         name = n.get("name")
         if not isinstance(name, str) or not name:
             raise PodError("%s.name: a node name, got %r" % (w, name))
@@ -175,7 +182,10 @@ def normalize(pods, where="config.pods"):
             if net.overlaps(other):
                 raise PodError("%s.pod_cidr: %s overlaps the pod CIDR %s of %s" % (w, net, other, ow))
         nets.append((net, w))
-        out_nodes.append({"name": name, "underlay_ip": str(ip), "pod_cidr": str(net)})
+        ident = n.get("tunnel_identity", True)
+        if not isinstance(ident, bool):
+            raise PodError("%s.tunnel_identity: must be true or false" % w)
+        out_nodes.append({"name": name, "underlay_ip": str(ip), "pod_cidr": str(net), "tunnel_identity": ident})
     masq = pods.get("masquerade", True)
     if not isinstance(masq, bool):
         raise PodError("%s.masquerade: must be true or false, got %r" % (where, masq))
@@ -447,6 +457,7 @@ def _device_state(ipr, name):
             "local": data.get_attr("IFLA_VXLAN_LOCAL") if data is not None else None,
             "link": names.get(lower), "port": data.get_attr("IFLA_VXLAN_PORT") if data is not None else None,
             "learning": data.get_attr("IFLA_VXLAN_LEARNING") if data is not None else None,
+            "external": bool(data.get_attr("IFLA_VXLAN_COLLECT_METADATA")) if data is not None else False,
             "mac": link.get_attr("IFLA_ADDRESS"), "mtu": link.get_attr("IFLA_MTU"),
             "up": bool(link["flags"] & _IFF_UP),
             "addresses": sorted("%s/%d" % (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
@@ -524,10 +535,11 @@ def preflight(pods, module=None, check=False):
 def _wanted_device(pods, mtu):
     return {"kind": "vxlan", "vni": pods["vxlan"]["vni"], "local": pods["underlay_ip"],
             "link": pods["underlay_interface"], "port": pods["vxlan"]["port"], "learning": 0,
+            "external": pods["vxlan"]["external"],
             "mac": vxlan_mac(pods["underlay_ip"]), "mtu": mtu, "up": True, "addresses": [gateway(pods["cidr"]) + "/32"]}
 
 
-_RECREATE = ("kind", "vni", "local", "link", "port", "learning")
+_RECREATE = ("kind", "vni", "local", "link", "port", "learning", "external")
 
 
 def _plugin_path(pods):
@@ -643,13 +655,15 @@ def _device(ipr, pods, have, probe, mtu, check, changes, created):
             ipr.link("del", index=have["index"])
         have = None
     if have is None:
-        changes.append("create vxlan device %s (vni %d, dstport %d, local %s dev %s, mac %s, mtu %d, nolearning)"
-                       % (dev, want["vni"], want["port"], want["local"], want["link"], want["mac"], mtu))
+        changes.append("create vxlan device %s (%s, dstport %d, local %s dev %s, mac %s, mtu %d, nolearning)"
+                       % (dev, "external: the VNI per packet" if want["external"] else "vni %d" % want["vni"],
+                          want["port"], want["local"], want["link"], want["mac"], mtu))
         if check:
             have = {"index": None, "mac": want["mac"], "mtu": mtu, "up": False, "addresses": []}
         else:
             ipr.link("add", ifname=dev, kind="vxlan", vxlan_id=want["vni"], vxlan_local=want["local"],
-                     vxlan_link=probe["index"], vxlan_port=want["port"], vxlan_learning=0, address=want["mac"], mtu=mtu)
+                     vxlan_link=probe["index"], vxlan_port=want["port"], vxlan_learning=0, address=want["mac"], mtu=mtu,
+                     **({"vxlan_collect_metadata": 1} if want["external"] else {}))
             index = ipr.link_lookup(ifname=dev)[0]
             created.append(index)
             have = {"index": index, "mac": want["mac"], "mtu": mtu, "up": False, "addresses": []}
@@ -674,7 +688,7 @@ def _device(ipr, pods, have, probe, mtu, check, changes, created):
     neigh = _neighbours(ipr, index) if index else {}
     fdb = _fdb(ipr, index) if index else {}
     want_neigh = dict((gateway(n["pod_cidr"]), vxlan_mac(n["underlay_ip"])) for n in pods["nodes"])
-    want_fdb = dict((vxlan_mac(n["underlay_ip"]), n["underlay_ip"]) for n in pods["nodes"])
+    want_fdb = _wanted_fdb(pods)
     for ip, mac in sorted(neigh.items()):
         if ip not in want_neigh:
             changes.append("delete neighbour %s lladdr %s dev %s" % (ip, mac, dev))
@@ -696,6 +710,14 @@ def _device(ipr, pods, have, probe, mtu, check, changes, created):
             if not check:
                 ipr.neigh("replace", family=socket.AF_BRIDGE, ifindex=index, lladdr=mac, dst=dst, flags=_NTF_SELF,
                           state=_NUD_PERMANENT | _NUD_NOARP)
+
+
+def _wanted_fdb(pods):
+    """The fdb entries of the device: where each node's MAC is - none in external mode, where the tunnel key a
+    program sets per packet says where it goes (overlay.c)."""
+    if pods["vxlan"]["external"]:
+        return {}
+    return dict((vxlan_mac(n["underlay_ip"]), n["underlay_ip"]) for n in pods["nodes"])
 
 
 def _cni(pods, mtu, probe, bundle, before, check, changes):
@@ -736,7 +758,7 @@ def _would_be(pods, mtu, probe, before, bundle):
     tunnel = tunnelled(pods)
     return {"device": _wanted_device(pods, mtu) if tunnel else None,
             "neighbours": dict((gateway(n["pod_cidr"]), vxlan_mac(n["underlay_ip"])) for n in pods["nodes"]) if tunnel else {},
-            "fdb": dict((vxlan_mac(n["underlay_ip"]), n["underlay_ip"]) for n in pods["nodes"]) if tunnel else {},
+            "fdb": _wanted_fdb(pods) if tunnel else {},
             "conflist": conflist_text(pods, mtu, probe["cni_version"]), "plugin_link": bundle or before["plugin_link"],
             "nft": nft_wanted(pods), "ip_forward": "1"}
 

@@ -50,11 +50,15 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import zipfile
 
 from ansible_collections.kldload.netstack.plugins.module_utils import cni, hostroute, lb, loader, podnet, release, routes, units
 from ansible_collections.kldload.netstack.plugins.module_utils import manifest as mf
+from ansible_collections.kldload.netstack.plugins.module_utils.policy import maps as policy_maps
+from ansible_collections.kldload.netstack.plugins.module_utils.policy import node as policy_node
+from ansible_collections.kldload.netstack.plugins.module_utils.policy.parse import PolicyError
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool
 
 CONFIG_PATH = "/etc/kldload-netstack/dataplane.json"
@@ -156,7 +160,26 @@ def validate(cfg):
     except podnet.PodError as e:
         raise ConfigError(str(e))
     _check_host_routing(out)
+    _check_policy(out)
     return out
+
+
+def _check_policy(cfg):
+    """The policy and overlay objects need a pod network; a VXLAN device in external mode needs the overlay
+    object (its programs give every packet its tunnel key), and the overlay object such a device."""
+    names = [o["name"] for o in cfg["objects"]]
+    for obj in (policy_node.OBJECT, policy_node.TUNNEL_OBJECT):
+        if obj in names and cfg["pods"] is None:
+            raise ConfigError("config.objects[%d].name: %s needs config.pods (a pod network)" % (names.index(obj), obj))
+    if cfg["pods"] is None:
+        return
+    external = cfg["pods"]["vxlan"]["external"]
+    if external and podnet.tunnelled(cfg["pods"]) and policy_node.TUNNEL_OBJECT not in names:
+        raise ConfigError("config.pods.vxlan.external: the VXLAN device in external mode needs the %s object in "
+                          "config.objects (it sets every packet's tunnel key)" % policy_node.TUNNEL_OBJECT)
+    if policy_node.TUNNEL_OBJECT in names and not external:
+        raise ConfigError("config.objects[%d].name: %s carries identities in the VNI of an external VXLAN device; "
+                          "set config.pods.vxlan.external" % (names.index(policy_node.TUNNEL_OBJECT), policy_node.TUNNEL_OBJECT))
 
 
 def _check_host_routing(cfg):
@@ -312,6 +335,8 @@ def apply(cfg, services=None, check=False, config_path=None, module=None, restor
     res["lb"] = _lb(cfg, table, check, module, res)
     res["pods"] = apply_network(cfg, check=check, module=module)
     res["routes"] = res["pods"]["routes"]
+    res["policy"] = _policy(cfg, check)                # identities and rules first: the programs below read them
+    res["tunnel"] = _tunnel_links(cfg, check)
     res["endpoints"] = _endpoint_programs(cfg, check)
     res["host_routing"] = _host_routing(cfg, check)
     if res["config"]["changed"] and not check:
@@ -320,7 +345,7 @@ def apply(cfg, services=None, check=False, config_path=None, module=None, restor
                                     module=module) if restore_unit else []
     res["changed"] = bool(res["config"]["changed"] or res["dataplane"]["changed"] or res["lb"]["changed"]
                           or res["routes"] or res["pods"]["changed"] or res["endpoints"] or res["host_routing"]
-                          or res["unit"])
+                          or res["policy"]["changed"] or res["tunnel"] or res["unit"])
     return res
 
 
@@ -350,6 +375,62 @@ def _endpoint_programs(cfg, check):
         return cni.reconcile_endpoints(cfg, check=check)
     except (cni.CNIError, OSError) as e:
         raise ConfigError("config.objects: cannot attach the endpoint programs to the pods: %s" % (e,))
+
+
+def _object_names(cfg):
+    return [o["name"] for o in cfg["objects"]]
+
+
+def _policy(cfg, check):
+    """The identity and policy maps (policy/node.py) from the node's policy state and its pods, when the node
+    runs the policy object: {changed, changes, diff, ...} (changed false without it)."""
+    if policy_node.OBJECT not in _object_names(cfg):
+        return {"changed": False, "changes": [], "diff": []}
+    try:
+        res = policy_node.apply(globals_dir(cfg), policy_node.read_state(), cni.list_endpoints(), cfg["pods"],
+                                check=check, tunnel=policy_node.TUNNEL_OBJECT in _object_names(cfg))
+    except (OSError, PolicyError, policy_maps.PolicyMapError) as e:
+        raise ConfigError("config.objects: cannot write the policy maps: %s" % (e,))
+    res.pop("output", None)
+    return res
+
+
+def _tunnel_links(cfg, check):
+    """The programs of manifest target ``tunnel`` (the overlay object) attached to the pod network's VXLAN
+    device when it is an external one (loader.hold_link: updated in place, made again when the device was
+    made again); links of such programs that are not wanted (native mode, no overlay object) go. Changes as text."""
+    pods = cfg["pods"]
+    want = {}
+    if pods is not None and podnet.tunnelled(pods) and pods["vxlan"]["external"]:
+        try:
+            progs = cni.endpoint_programs(cfg, target="tunnel")
+        except cni.CNIError:
+            if check:
+                return ["attach the tunnel programs to %s" % pods["vxlan"]["device"]]
+            raise
+        for p in progs:
+            want[os.path.join(cfg["pin_path"], p["object"], loader.TUNNEL_LINKS, p["program"])] = p
+    changes = []
+    if want:
+        dev = pods["vxlan"]["device"]
+        try:
+            ifindex = socket.if_nametoindex(dev)
+        except OSError:
+            if check:
+                return ["attach %s to %s" % (", ".join(p["program"] for p in want.values()), dev)]
+            raise ConfigError("config.pods.vxlan.device: %s does not exist after the pod network was made" % dev)
+        for pin, p in sorted(want.items()):
+            if loader.hold_link(pin, p["prog_pin"], ifindex, p["attach"], p["first"], check):
+                changes.append("attach %s/%s to %s (%s)" % (p["object"], p["program"], dev, p["attach"]))
+    root = cfg["pin_path"]
+    for obj in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        d = os.path.join(root, obj, loader.TUNNEL_LINKS)
+        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            if os.path.join(d, name) not in want:
+                changes.append("detach %s/%s" % (obj, name))
+                if not check:
+                    loader.unpin_link(os.path.join(d, name))
+    return changes
 
 
 def _host_routing(cfg, check):

@@ -66,8 +66,8 @@ def test_map_sizes_must_belong_to_an_object(tmp_path):
 
 
 def test_an_object_the_bundle_does_not_have(tmp_path):
-    cfg = runtime.validate({"bundle": _bundle(tmp_path), "objects": [{"name": "sock_lb"}, {"name": "policy"}]})
-    with pytest.raises(runtime.ConfigError, match=r"config.objects\[1\].name: policy is not in the bundle .* \(it has sock_lb\)"):
+    cfg = runtime.validate({"bundle": _bundle(tmp_path), "objects": [{"name": "sock_lb"}, {"name": "flows"}]})
+    with pytest.raises(runtime.ConfigError, match=r"config.objects\[1\].name: flows is not in the bundle .* \(it has sock_lb\)"):
         with runtime.unpacked(cfg):
             pass
 
@@ -202,7 +202,7 @@ def test_node_bundle_is_one_zipapp_with_the_whole_library(tmp_path):
     info = json.loads(out.stdout)
     with open(os.path.join(REPO, "galaxy.yml")) as f:
         assert "version: %s" % info["collection"] in f.read()
-    assert set(info["built_objects"]) == {"sock_lb", "host", "lxc"}
+    assert set(info["built_objects"]) == {"sock_lb", "host", "lxc", "policy", "overlay"}
     assert all(len(sha) == 64 for sha in info["built_objects"].values())
     helped = subprocess.run([sys.executable, pyz, "--help"], capture_output=True, text=True, check=True).stdout
     assert "lb list" in helped and "dataplane restore" in helped
@@ -226,8 +226,9 @@ def test_pods_section_is_off_when_absent_and_canonical_when_given():
     assert runtime.validate({})["pods"] is None
     p = runtime.validate(_pods())["pods"]
     assert p == {"cidr": "10.244.1.0/24", "routing_mode": "tunnel", "underlay_interface": "eth0",
-                 "underlay_ip": "192.168.1.11", "mtu": 0, "vxlan": {"device": "kln_vxlan", "vni": 1, "port": 8472},
-                 "nodes": _PODS["nodes"], "service_cidr": "10.96.0.0/12", "masquerade": True, "encryption": None,
+                 "underlay_ip": "192.168.1.11", "mtu": 0,
+                 "vxlan": {"device": "kln_vxlan", "vni": 1, "port": 8472, "external": False},
+                 "nodes": [dict(n, tunnel_identity=True) for n in _PODS["nodes"]], "service_cidr": "10.96.0.0/12", "masquerade": True, "encryption": None,
                  "cni": {"conflist": "/etc/cni/net.d/05-kldload-netstack.conflist", "bin_dir": "/usr/lib/cni"}}
     cfg = runtime.validate(_pods())
     assert runtime.validate(json.loads(runtime.config_text(cfg))) == cfg       # the file reads back the same
