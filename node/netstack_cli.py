@@ -13,8 +13,12 @@
                                        apply the saved WireGuard configuration again (netstack-wireguard-NAME.service)
   netstack dataplane restore           apply the node configuration again with the last applied service
                                        table (what netstack-dataplane.service runs at boot)
+  netstack identity list [--json]      the security identities the node knows, with their labels (like cilium identity list)
+  netstack policy get ENDPOINT [--json]
+                                       one pod's policy entries and verdict counters (like cilium bpf policy get);
+                                       ENDPOINT is namespace/name, a container id or the pod's address
 
-Product commands only. Later capabilities add their group here (policy, encrypt, bgp, observe) and
+Product commands only. Later capabilities add their group here (bgp, observe) and
 a long-running node agent (`netstack agent`, flow events and endpoint watch) will be one more
 command of this unit, reading the same node configuration. Configuration:
 /etc/kldload-netstack/dataplane.json (NETSTACK_CONFIG overrides), written by the node_dataplane module.
@@ -30,6 +34,7 @@ import sys
 import time
 
 from ansible_collections.kldload.netstack.plugins.module_utils import cni, lb, loader, routes, runtime, wireguard
+from ansible_collections.kldload.netstack.plugins.module_utils.policy import node as policy_node
 
 BUILD_INFO = "netstack_build.json"
 
@@ -86,6 +91,18 @@ def cmd_lb_list(args):
 def cmd_endpoint_list(args):
     rows = cni.list_endpoints()
     print(json.dumps(rows, indent=1, sort_keys=True) if args.json else cni.format_endpoints(rows))
+
+
+def cmd_identity_list(args):
+    rows = policy_node.identity_rows()
+    print(json.dumps(rows, indent=1, sort_keys=True) if args.json else policy_node.format_identities(rows))
+
+
+def cmd_policy_get(args):
+    out = policy_node.endpoint_policy(runtime.globals_dir(_config()), args.endpoint, cni.list_endpoints())
+    if out is None:
+        sys.exit("netstack: no pod %r on this node (netstack endpoint list shows them)" % args.endpoint)
+    print(json.dumps(out, indent=1, sort_keys=True) if args.json else policy_node.format_endpoint_policy(out))
 
 
 def cmd_encrypt_status(args):
@@ -154,6 +171,15 @@ def main(argv=None):
     p = p_dp.add_parser("status", help="what is loaded and attached")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_status)
+    p_id = sub.add_parser("identity", help="security identities").add_subparsers(dest="sub", required=True)
+    p = p_id.add_parser("list", help="the identities this node knows")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_identity_list)
+    p_pol = sub.add_parser("policy", help="identity-based network policy").add_subparsers(dest="sub", required=True)
+    p = p_pol.add_parser("get", help="one pod's policy entries and counters")
+    p.add_argument("endpoint", help="namespace/name, container id or address of a pod of this node")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_policy_get)
     p_enc = sub.add_parser("encrypt", help="WireGuard encryption").add_subparsers(dest="sub", required=True)
     p = p_enc.add_parser("status", help="the WireGuard device and its peers")
     p.add_argument("--json", action="store_true")
@@ -165,7 +191,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         args.fn(args)
-    except (runtime.ConfigError, lb.LbError, loader.ProgError, routes.RouteError, wireguard.WgError, OSError) as e:
+    except (runtime.ConfigError, lb.LbError, loader.ProgError, routes.RouteError, wireguard.WgError, OSError,
+            ValueError) as e:
         sys.exit("netstack: %s" % e)
 
 

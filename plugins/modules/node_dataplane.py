@@ -157,13 +157,22 @@ options:
             type: str
             default: kln_vxlan
           vni:
-            description: VXLAN network identifier (the same on every node).
+            description:
+              - VXLAN network identifier (the same on every node). With O(pods.vxlan.external), the VNI sent to a
+                node whose O(pods.nodes[].tunnel_identity) is false.
             type: int
             default: 1
           port:
             description: UDP destination port (the same on every node).
             type: int
             default: 8472
+          external:
+            description:
+              - An external (collect_md) device whose tunnel key the C(overlay) object's programs set per packet -
+                the source's security identity travels as the VNI (docs/policy.md). Needs the C(overlay) object
+                in O(objects).
+            type: bool
+            default: false
       nodes:
         description: The other nodes (not this one).
         type: list
@@ -182,6 +191,12 @@ options:
             description: The node's pod CIDR (may not overlap another's, this node's or the service CIDR).
             type: str
             required: true
+          tunnel_identity:
+            description:
+              - Whether the node reads security identities from the VNI (a release with the C(overlay) object).
+                V(false) - it gets O(pods.vxlan.vni), and this node looks its pods up by address.
+            type: bool
+            default: true
       service_cidr:
         description: The service CIDR (not masqueraded; may not overlap a pod CIDR).
         type: str
@@ -336,7 +351,8 @@ pods:
   description:
     - The pod network - C(changes) (what was done or would be, besides routes), C(mtu) (the pod MTU), C(mode)
       (routing mode, or null without a pod network), C(host_routing) (the changes to the BPF host routing maps),
-      C(endpoints) (endpoint programs attached to, moved on or detached from this node's pods).
+      C(endpoints) (endpoint programs attached to, moved on or detached from this node's pods), C(tunnel)
+      (the overlay object's programs attached to or detached from the VXLAN device).
   returned: always
   type: dict
   sample:
@@ -344,6 +360,17 @@ pods:
     mtu: 1450
     mode: tunnel
     host_routing: ["kln_pod_cidr4: add 10.244.11.0/24 (local)"]
+    tunnel: ["attach overlay/kln_to_overlay to kln_vxlan (tcx_egress)"]
+policy:
+  description:
+    - With the C(policy) object, the identity and policy maps made to match the node's policy state
+      (M(kldload.netstack.network_policy)) and its pods - C(changes) (map changes) and C(diff) (which
+      endpoints gain or lose which allowances).
+  returned: always
+  type: dict
+  sample:
+    changes: ["kln_ipcache4: add 10.244.11.2/32 -> identity 4711"]
+    diff: ["demo/web-1: new endpoint, identity 4711 (k8s:app=web,k8s:io.kubernetes.pod.namespace=demo)"]
 unit:
   description: Changes to the restore unit (written, enabled, removed).
   returned: always
@@ -408,11 +435,13 @@ def main():
                 device=dict(type="str", default="kln_vxlan"),
                 vni=dict(type="int", default=1),
                 port=dict(type="int", default=8472),
+                external=dict(type="bool", default=False),
             )),
             nodes=dict(type="list", elements="dict", default=[], options=dict(
                 name=dict(type="str", required=True),
                 underlay_ip=dict(type="str", required=True),
                 pod_cidr=dict(type="str", required=True),
+                tunnel_identity=dict(type="bool", default=True),
             )),
             service_cidr=dict(type="str", default="10.96.0.0/12"),
             masquerade=dict(type="bool", default=True),
@@ -455,7 +484,9 @@ def main():
                shared_maps=dp["report"]["globals"], routes=res["routes"], unit=res["unit"],
                pods={"changes": res["pods"]["changes"], "mtu": res["pods"]["mtu"],
                      "mode": cfg["pods"]["routing_mode"] if cfg["pods"] else None,
-                     "host_routing": res.get("host_routing", []), "endpoints": res.get("endpoints", [])})
+                     "host_routing": res.get("host_routing", []), "endpoints": res.get("endpoints", []),
+                     "tunnel": res.get("tunnel", [])},
+               policy={"changes": res.get("policy", {}).get("changes", []), "diff": res.get("policy", {}).get("diff", [])})
     if p["state"] == "present":
         d = res["lb"]["diff"]
         out.update(services=res["lb"]["services"], added=d["added"], removed=d["removed"], service_changes=d["changed"],
@@ -488,6 +519,8 @@ def _diff(res, state):
     after += ["pods: %s" % c for c in res["pods"]["changes"]]
     after += ["endpoints: %s" % c for c in res.get("endpoints", [])]
     after += ["host routing: %s" % c for c in res.get("host_routing", [])]
+    after += ["tunnel: %s" % c for c in res.get("tunnel", [])]
+    after += ["policy: %s" % c for c in res.get("policy", {}).get("diff", []) + res.get("policy", {}).get("changes", [])]
     after += ["unit: %s" % u for u in res["unit"]]
     return {"before": "\n".join(before) + "\n", "after": "\n".join(after) + "\n"}
 

@@ -305,3 +305,27 @@ def test_the_tunnel_key_names_the_node_and_a_pod_leaving_has_no_tunnel_without_a
                        "10.244.3.0/24": (socket.inet_aton("192.168.1.13"), 1)}
     # a packet that did not come through the tunnel has no identity to read
     assert dp.run("kln_from_overlay", tcp(REMOTE, SERVER, 42000, 80)) == (TCX_NEXT, 0)
+
+
+@needs_root
+def test_what_the_node_command_shows(dp):
+    dp.apply(_state([SERVER_FROM_CLIENT]))
+    dp.run("kln_pol_from_container", tcp(OTHER, SERVER, 43000, 8080))
+    rows = node.identity_rows(dp.compiled)
+    kinds = dict((r["identity"], r["kind"]) for r in rows)
+    assert kinds[1] == "reserved" and kinds[2] == "reserved"
+    client = [r for r in rows if "k8s:app=client" in r["labels"]][0]
+    assert "k8s:io.kubernetes.pod.namespace=demo" in client["labels"]
+    assert "k8s:io.cilium.k8s.namespace.labels.team=a" in client["labels"]
+    assert str(client["identity"]) in node.format_identities(rows)
+    for which in ("demo/server", SERVER, "c-server"):
+        p = node.endpoint_policy(dp.gdir, which, RECORDS, dp.compiled)
+        assert p["endpoint"] == "demo/server" and p["ingress_enforced"] and not p["egress_enforced"]
+    assert p["entries"] == [{"direction": "ingress", "action": "allow", "identity": client["identity"], "by_address": False,
+                             "peer": "k8s:app=client,k8s:io.kubernetes.pod.namespace=demo,...", "l4": "TCP 8080",
+                             "rule": "NetworkPolicy demo/server-from-client ingress[0]"}]
+    assert {"direction": "ingress", "reason": "POLICY_DENIED", "code": 133, "packets": 1, "bytes": 54,
+            "description": "policy denied (no rule allows it)"} in p["counters"]
+    text = node.format_endpoint_policy(p)
+    assert "POLICY_DENIED" in text and "NetworkPolicy demo/server-from-client ingress[0]" in text
+    assert node.endpoint_policy(dp.gdir, "demo/nobody", RECORDS, dp.compiled) is None

@@ -381,21 +381,14 @@ def _enforced_text(flags):
     return "enforced on %s" % " and ".join(parts) if parts else "not enforced"
 
 
-def entry_text(ident_key, egress, var, deny):
-    """'egress deny to identity 12345 TCP 80-95' style text of one kln_policy4 key (without the endpoint)."""
-    by_addr = bool(ident_key & BY_ADDRESS)
-    ident = ident_key & ~BY_ADDRESS
+def l4_text(var):
+    """'any protocol', 'TCP any port', 'UDP 53', 'TCP 8000-8999' of an entry's variable part."""
     length, bits = var
     if length == 0:
-        l4 = "any protocol"
-    else:
-        proto = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP"}.get(bits >> 16, str(bits >> 16))
-        if length == 8:
-            l4 = "%s any port" % proto
-        else:
-            lo = bits & 0xffff
-            hi = lo + (1 << (24 - length)) - 1
-            l4 = "%s %d" % (proto, lo) if lo == hi else "%s %d-%d" % (proto, lo, hi)
-    peer = "any peer" if ident == 0 else "identity %d%s" % (ident, " by address" if by_addr else "")
-    return "%s %s %s %s %s" % ("egress" if egress else "ingress", "deny" if deny else "allow",
-                               "to" if egress else "from", peer, l4)
+        return "any protocol"
+    proto = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP"}.get(bits >> 16, str(bits >> 16))
+    if length == 8:
+        return "%s any port" % proto
+    lo = bits & 0xffff
+    hi = lo + (1 << (24 - length)) - 1
+    return "%s %d" % (proto, lo) if lo == hi else "%s %d-%d" % (proto, lo, hi)

@@ -42,8 +42,8 @@ from ansible_collections.kldload.netstack.plugins.module_utils.policy import com
 from ansible_collections.kldload.netstack.plugins.module_utils.policy import maps, parse
 from ansible_collections.kldload.netstack.plugins.module_utils.policy.parse import PolicyError
 
-STATE_PATH = "/etc/kldload-netstack/policy.json"
-COMPILED_PATH = "/var/lib/kldload-netstack/policy/compiled.json"
+STATE_PATH = os.environ.get("NETSTACK_POLICY_STATE") or "/etc/kldload-netstack/policy.json"
+COMPILED_PATH = os.environ.get("NETSTACK_POLICY_COMPILED") or "/var/lib/kldload-netstack/policy/compiled.json"
 LOCK_PATH = "/run/kldload-netstack-policy.lock"
 SCHEMA = 1
 OBJECT = "policy"
@@ -290,3 +290,83 @@ def remove(compiled_path=COMPILED_PATH, state_path=STATE_PATH, check=False):
         for p in gone:
             os.unlink(p)
     return gone
+
+
+# ---- what the node command shows ------------------------------------------------------------------
+
+def identity_rows(compiled_path=COMPILED_PATH):
+    """[{identity, kind, labels}] of the node's identities (the last apply's), sorted by number: what
+    ``netstack identity list`` prints (like ``cilium identity list``)."""
+    out = read_compiled(compiled_path) or {}
+    rows = [{"identity": int(k), "kind": v.get("kind"), "labels": v.get("labels") or []}
+            for k, v in (out.get("identities") or {}).items()]
+    return sorted(rows, key=lambda r: r["identity"])
+
+
+def format_identities(rows):
+    lines = ["%-10s %-9s %s" % ("ID", "KIND", "LABELS")]
+    for r in rows:
+        labels = r["labels"] or ["-"]
+        lines.append("%-10d %-9s %s" % (r["identity"], r["kind"], labels[0]))
+        lines += ["%-10s %-9s %s" % ("", "", lbl) for lbl in labels[1:]]
+    return "\n".join(lines)
+
+
+def endpoint_policy(globals_dir, which, records, compiled_path=COMPILED_PATH):
+    """What the maps hold for one pod of this node - ``which`` is namespace/name, a container id (prefix) or
+    an address: {endpoint, ip, identity, ingress_enforced, egress_enforced, entries [...], counters [...]}
+    (``netstack policy get``, like ``cilium bpf policy get``); None when no pod of this node matches."""
+    rec = None
+    for r in records:
+        e = record_endpoint(r, None)
+        ips = [str(ip).split("/")[0] for ip in e["ips"]]
+        if which in ("%s/%s" % (e["namespace"], e["name"]), e["name"]) or which in ips \
+                or (len(which) >= 6 and (r.get("container_id") or "").startswith(which)):
+            rec = r
+            break
+    if rec is None:
+        return None
+    e = record_endpoint(rec, None)
+    ip = [str(a).split("/")[0] for a in e["ips"] if ":" not in str(a)][0]
+    st = maps.endpoints(globals_dir).get(ip)
+    compiled = read_compiled(compiled_path) or {}
+    rules = compiled.get("rules") or {}
+    idents = dict((int(k), v) for k, v in (compiled.get("identities") or {}).items())
+    out = {"endpoint": "%s/%s" % (e["namespace"], e["name"]), "ip": ip, "container_id": rec.get("container_id"),
+           "in_maps": st is not None, "identity": st["identity"] if st else None,
+           "ingress_enforced": bool(st and st["ingress_enforced"]), "egress_enforced": bool(st and st["egress_enforced"]),
+           "entries": [], "counters": []}
+    if st:
+        for _ip, ident, egress, var, _gen, deny, rule in maps.policy_entries(globals_dir, ip, bool(st["generation"])):
+            peer = ident & ~maps.BY_ADDRESS
+            out["entries"].append({
+                "direction": "egress" if egress else "ingress", "action": "deny" if deny else "allow",
+                "identity": peer, "by_address": bool(ident & maps.BY_ADDRESS),
+                "peer": _compile.describe_identity(peer, idents), "l4": maps.l4_text(var),
+                "rule": rules.get(str(rule), "") if rule else ""})
+    for (sip, reason, direction), (packets, nbytes) in sorted(maps.stats(globals_dir).items()):
+        if sip == ip:
+            out["counters"].append({"direction": maps.DIRECTIONS.get(direction, str(direction)),
+                                    "reason": maps.REASONS.get(reason, str(reason)), "code": reason,
+                                    "description": maps.REASON_TEXT.get(reason, ""), "packets": packets, "bytes": nbytes})
+    return out
+
+
+def format_endpoint_policy(p):
+    lines = ["endpoint %s  %s  identity %s  ingress %s  egress %s" % (
+        p["endpoint"], p["ip"], p["identity"], "enforced" if p["ingress_enforced"] else "not enforced",
+        "enforced" if p["egress_enforced"] else "not enforced")]
+    if not p["in_maps"]:
+        lines.append("  not in the policy maps (is the policy object loaded?)")
+    lines.append("%-8s %-6s %-10s %-14s %-40s %s" % ("DIR", "ACTION", "IDENTITY", "PORT/PROTO", "PEER", "RULE"))
+    for e in p["entries"]:
+        lines.append("%-8s %-6s %-10s %-14s %-40s %s" % (
+            e["direction"], e["action"], ("%d*" if e["by_address"] else "%d") % e["identity"], e["l4"],
+            (e["peer"] + (" (by address)" if e["by_address"] else ""))[:40], e["rule"]))
+    if not p["entries"]:
+        lines.append("  (no entries: %s)" % ("what is not enforced passes" if not (p["ingress_enforced"] or p["egress_enforced"])
+                                             else "default deny where enforced"))
+    lines.append("%-8s %-18s %12s %14s" % ("DIR", "VERDICT", "PACKETS", "BYTES"))
+    for c in p["counters"]:
+        lines.append("%-8s %-18s %12d %14d" % (c["direction"], c["reason"], c["packets"], c["bytes"]))
+    return "\n".join(lines)
