@@ -533,7 +533,9 @@ def preflight(pods, module=None, check=False):
 
 
 def _wanted_device(pods, mtu):
-    return {"kind": "vxlan", "vni": pods["vxlan"]["vni"], "local": pods["underlay_ip"],
+    # an external device has VNI 0: the kernel finds a collect_md device of a port under VNI 0 whatever the
+    # packet's VNI is (one created with another id is never found, and drops everything it is sent)
+    return {"kind": "vxlan", "vni": 0 if pods["vxlan"]["external"] else pods["vxlan"]["vni"], "local": pods["underlay_ip"],
             "link": pods["underlay_interface"], "port": pods["vxlan"]["port"], "learning": 0,
             "external": pods["vxlan"]["external"],
             "mac": vxlan_mac(pods["underlay_ip"]), "mtu": mtu, "up": True, "addresses": [gateway(pods["cidr"]) + "/32"]}
@@ -661,9 +663,9 @@ def _device(ipr, pods, have, probe, mtu, check, changes, created):
         if check:
             have = {"index": None, "mac": want["mac"], "mtu": mtu, "up": False, "addresses": []}
         else:
-            ipr.link("add", ifname=dev, kind="vxlan", vxlan_id=want["vni"], vxlan_local=want["local"],
-                     vxlan_link=probe["index"], vxlan_port=want["port"], vxlan_learning=0, address=want["mac"], mtu=mtu,
-                     **({"vxlan_collect_metadata": 1} if want["external"] else {}))
+            ipr.link("add", ifname=dev, kind="vxlan", vxlan_local=want["local"], vxlan_link=probe["index"],
+                     vxlan_port=want["port"], vxlan_learning=0, address=want["mac"], mtu=mtu,
+                     **({"vxlan_collect_metadata": 1} if want["external"] else {"vxlan_id": want["vni"]}))
             index = ipr.link_lookup(ifname=dev)[0]
             created.append(index)
             have = {"index": index, "mac": want["mac"], "mtu": mtu, "up": False, "addresses": []}

@@ -137,12 +137,16 @@ EXAMPLES = r"""
 
 RETURN = r"""
 endpoints:
-  description: This node's workloads after the run (in check mode the planned ones, C(ip) null unless pinned).
+  description:
+    - This node's workloads after the run (in check mode the planned ones, C(ip) null unless pinned).
+    - C(ingress_isolated) - a network policy enforces its ingress (M(kldload.netstack.network_policy)), so other nodes
+      may not reach it.
   returned: always
   type: list
   elements: dict
   sample:
-    - {namespace: shop, name: web-1, node: node1, labels: {app: web}, ports: [{name: http, port: 8080, protocol: TCP}], ip: 10.244.11.5}
+    - {namespace: shop, name: web-1, node: node1, labels: {app: web}, ports: [{name: http, port: 8080, protocol: TCP}], ip: 10.244.11.5,
+       ingress_isolated: false}
 plan:
   description: What was (in check mode - would be) done per workload, deletions first.
   returned: always
@@ -156,7 +160,8 @@ plan:
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.kldload.netstack.plugins.module_utils import cni, units, workloads
+from ansible_collections.kldload.netstack.plugins.module_utils import cni, runtime, units, workloads
+from ansible_collections.kldload.netstack.plugins.module_utils.policy import maps as policy_maps
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool, ToolError
 
 
@@ -225,11 +230,23 @@ def main():
         res = workloads.sync(node, specs, prune=p["prune"], check=module.check_mode, records=records, steps=steps)
     except workloads.WorkloadError as e:
         module.fail_json(msg=str(e), plan=steps)
+    isolated = _isolated()
+    for e in res["endpoints"]:
+        e["ingress_isolated"] = str(e.get("ip") or "").split("/")[0] in isolated
     out = dict(changed=res["changed"], endpoints=res["endpoints"], plan=res["plan"])
     if module._diff:
         out["diff"] = dict(before="".join(workloads.describe(e) + "\n" for e in res["before"]),
                            after="".join(workloads.describe(e) + "\n" for e in res["after"]))
     module.exit_json(**out)
+
+
+def _isolated():
+    """The addresses of this node's pods whose ingress a network policy enforces (policy maps; none without them)."""
+    try:
+        cfg = runtime.read_config()
+        return set(ip for ip, e in policy_maps.endpoints(runtime.globals_dir(cfg)).items() if e["ingress_enforced"])
+    except (runtime.ConfigError, OSError):
+        return set()
 
 
 if __name__ == "__main__":

@@ -174,7 +174,11 @@ def _yaml_loader():
 def load_text(text, where="<text>"):
     """The policy documents of a YAML text (empty documents skipped). ``where`` names the text in
     errors (a file name). PolicyError when the text is not YAML."""
-    yaml, loader = _yaml_loader()
+    try:
+        yaml, loader = _yaml_loader()
+    except ImportError:
+        raise PolicyError("%s: reading YAML needs PyYAML on this host (python3-yaml); give the documents as data "
+                          "instead (the policy role reads files on the controller)" % where)
     try:
         raw = list(yaml.load_all(text, Loader=loader))  # nosec - a SafeLoader subclass
     except yaml.YAMLError as e:

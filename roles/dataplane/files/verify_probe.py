@@ -17,6 +17,8 @@ for the duration of the checks and removes it after.
         continuous traffic until F exists: one long-lived TCP connection (a message and its echo every
         1/rate s), new TCP connections (rate/10 per second), UDP datagrams with sequence numbers (rate per
         second); prints JSON {udp_sent, udp_lost, tcp_messages, tcp_errors, connections, connection_failures}
+  verify_probe.py matrix SPEC|-
+        every source network namespace tries every target at once: JSON {source: {target: ok|refused|timeout}}
 """
 import argparse
 import json
@@ -300,6 +302,73 @@ def cmd_stream(args):
     print(json.dumps(res, sort_keys=True))
 
 
+def _try(target, timeout):
+    """One connection attempt: "ok" (answered), "refused" (a reset or an ICMP error: the path is open, nothing
+    listens) or "timeout" (no answer: dropped on the way)."""
+    fam = socket.AF_INET6 if ":" in target["ip"] else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM if target["proto"] == "tcp" else socket.SOCK_DGRAM)
+    s.settimeout(timeout)
+    try:
+        if target["proto"] == "tcp":
+            s.connect((target["ip"], target["port"]))
+            s.recv(256)
+        else:
+            s.connect((target["ip"], target["port"]))
+            s.send(b"matrix\n")
+            s.recv(4096)
+        return "ok"
+    except socket.timeout:
+        return "timeout"
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError as e:
+        return "error: %s" % (e.strerror or e)
+    finally:
+        s.close()
+
+
+def _probe_all(targets, timeout):
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(64, max(1, len(targets)))) as ex:
+        found = list(ex.map(lambda t: _try(t, timeout), targets))
+    return dict((t["key"], r) for t, r in zip(targets, found))
+
+
+def cmd_matrix(args):
+    """Every source (a network namespace) tries every target at once, one child process per source (setns);
+    prints JSON {source key: {target key: ok|refused|timeout|error: ...}}."""
+    spec = json.loads(sys.stdin.read() if args.spec == "-" else args.spec)
+    children = []
+    for src in spec["sources"]:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                fd = os.open(src["netns"], os.O_RDONLY)
+                os.setns(fd, os.CLONE_NEWNET)
+                out = _probe_all([t for t in spec["targets"] if t.get("dst", t["key"]) != src["key"]],
+                                 spec.get("timeout", 1.0))
+            except Exception as e:  # pylint: disable=broad-except  # reported, not raised: the parent prints it
+                out = {"error": str(e)}
+            os.write(w, json.dumps(out).encode())
+            os._exit(0)
+        os.close(w)
+        children.append((src["key"], r, pid))
+    results = {}
+    for key, r, pid in children:
+        data = b""
+        while True:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            data += chunk
+        os.close(r)
+        os.waitpid(pid, 0)
+        results[key] = json.loads(data.decode() or "{}")
+    print(json.dumps(results, sort_keys=True))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="verify_probe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -336,6 +405,10 @@ def main(argv=None):
     p.add_argument("--stop-file")
     p.add_argument("--max-seconds", type=int, default=600)
     p.set_defaults(fn=cmd_stream)
+    p = sub.add_parser("matrix")
+    p.add_argument("spec", help='JSON {"sources": [{key, netns}], "targets": [{key, dst, ip, port, proto}], "timeout": S} '
+                                'or -; a source skips the targets whose dst is its key')
+    p.set_defaults(fn=cmd_matrix)
     args = ap.parse_args(argv)
     if getattr(args, "pod", None) and not args.cgroup_root:
         ap.error("--pod needs --cgroup-root")

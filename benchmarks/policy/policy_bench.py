@@ -1,0 +1,149 @@
+# Copyright: kldload.netstack contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Network policy benchmark on the lab, one run, figures side by side:
+
+- the new-connection rate from a pod on one node to a pod on another with 0, 100 and 1,000 rules in force
+  on the pair (ingress rules on the server's pod, egress rules on the client's: ipBlock /32 peers on their
+  own ports, one rule that allows the benchmark's traffic), as a ratio of the 0-rule rate (target >= 0.95
+  at 1,000);
+- pod-to-pod TCP throughput (iperf3) with the policy programs attached (no rule) against the same path
+  without them (netstack_policy_enforcement=false; target >= 0.95);
+- the time to apply 1,000 policies to the endpoints of a node and one policy change among them, through the
+  node's own apply (the library the module and the CNI plugin call; target <= 1 s and <= 50 ms).
+
+  benchmarks/policy/run [--quick] [--seconds N] [--connections N] [--inventory PATH] [--json]
+
+Needs the lab up with install.yml applied; leaves it as the inventory says (policies of the inventory, policy on).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(REPO, "benchmarks", "pod_network"))
+import pod_network as pn  # noqa: E402
+
+PORT = pn.SERVER_PORT
+APPLY = os.path.join(REPO, "tests", "integration", "policy_apply.yml")
+
+TIMING = r"""
+import json, sys, time
+sys.path.insert(0, "/usr/lib/kldload-netstack/netstack.pyz")
+from ansible_collections.kldload.netstack.plugins.module_utils import cni, runtime
+from ansible_collections.kldload.netstack.plugins.module_utils.policy import node
+cfg = runtime.read_config()
+gdir = runtime.globals_dir(cfg)
+saved = node.read_state()
+n = int(sys.argv[1])
+eps = [r for r in cni.list_endpoints() if r.get("state") == "ready"]
+ns = eps[0]["namespace"]
+def policies(changed=-1):
+    out = []
+    for i in range(n):
+        port = 30000 + (i if i != changed else n + 1)
+        out.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                    "metadata": {"name": "bench-%d" % i, "namespace": ns},
+                    "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "198.18.%d.%d/32" % (i // 250, i % 250)}}],
+                                                             "ports": [{"port": port, "protocol": "TCP"}]}]}})
+    return out
+def run(pols):
+    st = node.validate_state(dict(saved, policies=pols))
+    t0 = time.perf_counter()
+    res = node.apply(gdir, st, cni.list_endpoints(), cfg["pods"], tunnel="overlay" in [o["name"] for o in cfg["objects"]])
+    return time.perf_counter() - t0, res
+try:
+    node.apply(gdir, saved, cni.list_endpoints(), cfg["pods"], tunnel="overlay" in [o["name"] for o in cfg["objects"]])
+    full, res = run(policies())
+    entries = sum(len(e["entries"]) for e in res["output"]["endpoints"].values())
+    change, res2 = run(policies(changed=n // 2))
+    same, res3 = run(policies(changed=n // 2))
+    print(json.dumps({"policies": n, "endpoints": res["endpoints"], "entries": entries, "apply_s": full,
+                      "change_s": change, "change_lines": len(res2["diff"]), "again_s": same, "again_changed": res3["changed"]}))
+finally:
+    node.apply(gdir, saved, cni.list_endpoints(), cfg["pods"], tunnel="overlay" in [o["name"] for o in cfg["objects"]])
+"""
+
+
+def rules_yaml(n, client_ns, server, client):
+    """n ingress rules on the server's pod and n egress rules on the client's, plus what lets the benchmark through."""
+    docs = []
+    for side, sel, direction, key in (("server", server, "ingress", "from"), ("client", client, "egress", "to")):
+        rules = [{key: [{"ipBlock": {"cidr": "198.18.%d.%d/32" % (i // 250, i % 250)}}],
+                  "ports": [{"port": 20000 + i, "protocol": "TCP"}]} for i in range(n)]
+        peer = client if side == "server" else server
+        rules.append({key: [{"podSelector": {"matchLabels": peer["labels"]}}]})
+        docs.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                     "metadata": {"name": "bench-%s" % side, "namespace": client_ns},
+                     "spec": {"podSelector": {"matchLabels": sel["labels"]},
+                              "policyTypes": ["Ingress" if direction == "ingress" else "Egress"], direction: rules}})
+    return docs
+
+
+def apply_policies(lab, docs):
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"netstack_network_policies": docs}, f)
+    try:
+        env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"))
+        proc = subprocess.run([os.path.join(REPO, ".venv", "bin", "ansible-playbook"), "-i", lab.inventory, APPLY,
+                               "-e", "@" + f.name], capture_output=True, text=True, env=env, check=False)
+        if proc.returncode:
+            raise SystemExit("the policy play failed:\n%s" % proc.stdout[-3000:])
+    finally:
+        os.unlink(f.name)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="few connections, short transfers (a smoke run)")
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=3000)
+    ap.add_argument("--inventory", default="/var/lib/kldload-netstack/lab/inventory.yml")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds, args.connections = 2, 300
+    lab = pn.Lab(args.inventory)
+    a, b = lab.nodes[0], lab.nodes[1]
+    client = [p for p in lab.pods(a) if p.get("state") == "ready"][0]
+    server = [p for p in lab.pods(b) if p.get("state") == "ready"][0]
+    cl, sv = (a, client["netns"]), (b, server["netns"])
+    sip = server["ips"][0].split("/")[0]
+    out = {"pair": "%s/%s on %s -> %s/%s on %s" % (client["namespace"], client["name"], a, server["namespace"],
+                                                   server["name"], b), "rates": {}, "apply": None}
+    try:
+        for n in (0, 100, 1000):
+            apply_policies(lab, rules_yaml(n, client["namespace"], server, client) if n else [])
+            rates = [pn.conn_rate(lab, sv, cl, sip, PORT, args.connections)[0] for _ in range(2)]
+            out["rates"][n] = max(rates)
+        apply_policies(lab, [])
+        out["throughput_policy"] = pn.iperf(lab, sv, cl, sip, args.seconds)
+        timing = lab.sh(b, "python3 - %d <<'EOF'\n%s\nEOF" % (100 if args.quick else 1000, TIMING))
+        out["apply"] = json.loads(timing.strip().splitlines()[-1])
+        lab.playbook("-e", "netstack_policy_enforcement=false")
+        out["throughput_plain"] = pn.iperf(lab, sv, cl, sip, args.seconds)
+    finally:
+        lab.playbook()
+        apply_policies(lab, [])
+    base = out["rates"][0]
+    if args.json:
+        print(json.dumps(out, indent=1, sort_keys=True))
+        return
+    print("policy benchmark, %s" % out["pair"])
+    print("%-44s %12s %8s" % ("new connections/s (best of 2 runs)", "rate", "ratio"))
+    for n, r in sorted(out["rates"].items()):
+        print("%-44s %12.0f %8.3f" % ("%d rules on the pair" % n, r, r / base if base else 0))
+    tp, tn = out["throughput_policy"][0], out["throughput_plain"][0]
+    print("%-44s %12.2f %8s" % ("TCP Gbit/s without the policy programs", tn, "1.000"))
+    print("%-44s %12.2f %8.3f" % ("TCP Gbit/s with them (no rule)", tp, tp / tn if tn else 0))
+    t = out["apply"]
+    print("apply %d policies (%d entries on %d endpoints): %.3f s; one policy changed: %.3f s (%d diff lines); "
+          "the same again: %.3f s (changed %s)" % (t["policies"], t["entries"], t["endpoints"], t["apply_s"], t["change_s"],
+                                                  t["change_lines"], t["again_s"], t["again_changed"]))
+
+
+if __name__ == "__main__":
+    main()
