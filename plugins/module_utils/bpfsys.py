@@ -94,6 +94,7 @@ LINK_TYPE_TCX = 11
 # flags
 F_NO_PREALLOC = 1
 F_REPLACE = 4           # BPF_F_REPLACE (link update: old_prog_fd must match)
+F_BEFORE = 8            # BPF_F_BEFORE (tcx link create without a relative program: the first on the hook)
 XDP_FLAGS = {"auto": 0, "generic": 2, "native": 4, "offload": 8}
 
 _ATTR_SIZE = 144         # >= every layout we use; the kernel zero-checks any tail beyond its own size

@@ -95,7 +95,8 @@ def resolve_attachments(attach, objdir):
         if not isinstance(a, dict) or not a.get("program"):
             raise ProgError("%s.program: required" % where)
         t = canonical_type(a.get("type", ""), where)
-        entry = {"program": a["program"], "type": t, "xdp_mode": a.get("xdp_mode") or "auto"}
+        entry = {"program": a["program"], "type": t, "xdp_mode": a.get("xdp_mode") or "auto",
+                 "first": bool(a.get("first"))}
         if t.startswith("cgroup_"):
             cg = a.get("cgroup")
             if not cg:
@@ -151,7 +152,7 @@ def targets_to_attach(manifest, targets, where="targets"):
         elif p["target"] == "device":
             for dev in targets.get("devices") or []:
                 out.append({"program": name, "type": p["attach"], "device": dev,
-                            "xdp_mode": targets.get("xdp_mode") or "auto"})
+                            "xdp_mode": targets.get("xdp_mode") or "auto", "first": p.get("order") == "first"})
     return out
 
 
@@ -616,6 +617,8 @@ def _apply_links(oa, module, run):
                     os.close(tfd)
             else:
                 flags = bpfsys.XDP_FLAGS[a["xdp_mode"]] if a["type"] == "xdp" else 0
+                if a.get("first") and a["type"].startswith("tcx_"):
+                    flags |= bpfsys.F_BEFORE       # in front of the programs already on the hook
                 lfd = bpfsys.link_create(pfd, a["ifindex"], a["type"], flags)
             with lfd:
                 bpfsys.obj_pin(lfd, a["pin"])

@@ -38,7 +38,10 @@ MIGRATIONS = ("copy", "extend")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,14}$")
 _MAP_KEYS = frozenset(["type", "key_size", "value_size", "max_entries", "flags", "shared", "version", "migrations",
                        "layout", "description"])
-_PROG_KEYS = frozenset(["attach", "target", "family", "description"])
+_PROG_KEYS = frozenset(["attach", "target", "family", "description", "order"])
+# order: "first" - a tcx program linked in front of the programs already on the hook (BPF_F_BEFORE), e.g. the
+# edge load balancer (nodeport) before BPF host routing (host) on the underlay; absent - appended (the default).
+ORDERS = ("first",)
 
 
 class ManifestError(ValueError):
@@ -107,6 +110,10 @@ def validate(doc, where="manifest", attach_types=None):
         if family not in (None, 4, 6):
             raise ManifestError("%s.family: must be 4 or 6, got %r" % (pw, family))
         out["programs"][pname] = {"attach": attach, "target": target, "family": family}
+        if p.get("order") is not None:
+            if p["order"] not in ORDERS or not attach.startswith("tcx_"):
+                raise ManifestError("%s.order: only \"first\" (tcx programs), got %r" % (pw, p["order"]))
+            out["programs"][pname]["order"] = p["order"]
     maps = doc.get("maps") or {}
     if not isinstance(maps, dict):
         raise ManifestError("%s.maps: must be a mapping of map name to its spec" % where)
