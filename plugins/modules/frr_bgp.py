@@ -11,7 +11,7 @@ DOCUMENTATION = r"""
 ---
 module: frr_bgp
 short_description: FRR's BGP daemon on a node, from structured data, applied by difference
-version_added: 0.4.0
+version_added: 0.3.0
 description:
   - Programs the node's FRR (bgpd) with one BGP instance in the default VRF - local AS O(asn), router id
     O(router_id), the neighbours O(neighbors) (AS, password, timers, BFD, graceful restart, multihop,
