@@ -583,7 +583,9 @@ def apply(spec, frr, check=False):
             new_daemons, res["daemons"] = daemons_text(dtext, want_daemons)
         running = frr.answers()
         current = frr.running() if running else ""
-        kept, _had = strip_owned(current)
+        kept, had = strip_owned(current)
+        if spec["state"] == "absent" and not had.strip():
+            return res                  # nothing of ours in FRR (or FRR not running): nothing to remove
         full = kept + owned
         path = os.path.join(tmp, "frr.conf")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
