@@ -417,6 +417,9 @@ def parse_reload_test(out):
             flush()
         entry.append(line)
     flush()
+    # frr-reload.py lists the removal of a single-line context (``no ip prefix-list ...``) among its additions
+    removed += [x for x in added if x.split(" > ")[-1].startswith("no ")]
+    added = [x for x in added if not x.split(" > ")[-1].startswith("no ")]
     return removed, added
 
 
