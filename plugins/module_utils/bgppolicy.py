@@ -22,6 +22,7 @@ __metaclass__ = type
 
 import ipaddress
 
+from ansible_collections.kldload.netstack.plugins.module_utils import frr
 from ansible_collections.kldload.netstack.plugins.module_utils import labels as labels_mod
 from ansible_collections.kldload.netstack.plugins.module_utils import lbipam
 
@@ -165,4 +166,8 @@ def node_config(policies, node, labels, underlay_ip, pod_cidr=None, services=Non
     args = {"state": "present", "asn": vrs[0]["localASN"], "router_id": underlay_ip, "neighbors": neighbors,
             "announce": sorted(announce, key=lambda p: (ipaddress.ip_network(p).version, ipaddress.ip_network(p))),
             "bfd_interval": bfd_interval, "bfd_multiplier": bfd_multiplier}
+    try:        # what frr_bgp will check on the node (but the underlay), here: before any node is touched
+        frr.normalize(dict(args))
+    except frr.FrrError as e:
+        raise PolicyError("%s on node %s: %s" % (where, node, frr.mask(str(e), [n.get("password") for n in neighbors])))
     return {"args": args, "announce": announce, "policy": name}
