@@ -198,7 +198,7 @@ def _neighbor(n, where, underlay, seen):
     if bad:
         raise FrrError("%s: unknown field(s) %s (known: %s)" % (where, ", ".join(bad), ", ".join(_NEIGHBOR_KEYS)))
     try:
-        addr = ipaddress.ip_address(str(n.get("address")).strip().split("/")[0])
+        addr = ipaddress.ip_address(str(n.get("address")).strip().split("/", maxsplit=1)[0])
     except ValueError:
         raise FrrError("%s.address: %r is not an IP address" % (where, n.get("address")))
     if "/" in str(n.get("address")) and str(n.get("address")).split("/")[1] not in ("32", "128"):
@@ -689,8 +689,8 @@ def peers(frr):
 
 def format_peers(rows):
     """Text like ``cilium bgp peers``."""
-    lines = ["%-10s %-28s %-10s %-12s %-12s %-9s %s" % ("Local AS", "Peer Address", "Peer AS", "Session State",
-                                                         "Uptime", "Family", "Received / Advertised")]
+    head = ("Local AS", "Peer Address", "Peer AS", "Session State", "Uptime", "Family", "Received / Advertised")
+    lines = ["%-10s %-28s %-10s %-12s %-12s %-9s %s" % head]
     for r in rows:
         lines.append("%-10s %-28s %-10s %-12s %-12s %-9s %s / %s" % (
             r["local_as"], r["neighbor"], r["remote_as"], (r["state"] or "?").lower(), r["uptime"] or "-",

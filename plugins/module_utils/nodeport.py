@@ -100,6 +100,10 @@ def _raise(path):
     raise NodePortError("config.objects: the nodeport object is not loaded (%s is missing)" % path)
 
 
+def _ap(a, p):
+    return "%s:%d" % (socket.inet_ntoa(a), int.from_bytes(p, "big"))
+
+
 def flows(pin_path):
     """The edge's translated flows now: [{direction, from, to, translated}], from kln_ns_ct4."""
     path = map_path(pin_path, CT_MAP)
@@ -112,9 +116,8 @@ def flows(pin_path):
     for k, v in items:
         sa, da, sp, dp, proto = CT_KEY_FMT.unpack(k)
         a1, a2, p1, p2, bid, seen, flags = CT_FMT.unpack(v)
-        t = lambda a, p: "%s:%d" % (socket.inet_ntoa(a), int.from_bytes(p, "big"))  # noqa: E731
         out.append({"direction": "forward" if flags == 1 else "reply", "proto": {6: "tcp", 17: "udp"}.get(proto, proto),
-                    "packet": "%s -> %s" % (t(sa, sp), t(da, dp)),
-                    "translated": ("%s -> %s" % (t(a2, p2) if a2 != b"\0\0\0\0" else t(sa, sp), t(a1, p1))) if flags == 1
-                    else "%s -> %s" % (t(a1, p1), t(a2, p2)), "backend_id": bid, "last_seen_ns": seen})
+                    "packet": "%s -> %s" % (_ap(sa, sp), _ap(da, dp)),
+                    "translated": ("%s -> %s" % (_ap(a2, p2) if a2 != b"\0\0\0\0" else _ap(sa, sp), _ap(a1, p1))) if flags == 1
+                    else "%s -> %s" % (_ap(a1, p1), _ap(a2, p2)), "backend_id": bid, "last_seen_ns": seen})
     return out

@@ -4,10 +4,8 @@ reaching the services through the LB IP and NodePorts (nodeport object), Local p
 FRR stopped on a node, exportPodCIDR, withdrawal, frr_bgp four times and its bad input. One install for most."""
 import copy
 import json
-import socket
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -56,6 +54,11 @@ def _bgp_routes(lab):
     """{prefix: sorted next hops} of router1's BGP routes (IPv4)."""
     return dict((p, sorted(nh["ip"] for nh in r[0]["nexthops"] if nh.get("active")))
                 for p, r in _router(lab, "show ip route bgp json").items())
+
+
+def _routes_if(lab, cond):
+    r = _bgp_routes(lab)
+    return r if cond(r) else None
 
 
 def _wait(what, fn, timeout=20):
@@ -123,7 +126,7 @@ def test_lb_ips_in_the_router_rib_with_ecmp_and_local_policy(bgp):
     lab, ips = bgp["lab"], bgp["ips"]
     assert ips["default/solo"] == "192.168.10.50"                      # the requested one
     nodes = sorted(lab.hostvars[h]["netstack_underlay_ip"] for h in lab.hosts())
-    routes = _wait("routes", lambda: (lambda r: r if len(r.get("%s/32" % ips["default/my-app"], [])) == 3 else None)(_bgp_routes(lab)))
+    routes = _wait("routes", lambda: _routes_if(lab, lambda r: len(r.get("%s/32" % ips["default/my-app"], [])) == 3))
     assert routes["%s/32" % ips["default/my-app"]] == nodes
     assert routes["%s/32" % ips["default/empty"]] == nodes
     assert routes["192.168.10.50/32"] == [lab.hostvars["worker1"]["netstack_underlay_ip"]]    # Local: its node only
@@ -163,8 +166,8 @@ def test_stopping_frr_on_a_node_moves_the_traffic(bgp):
         assert moved, _bgp_routes(lab)
         assert took < 3, took                                           # BFD (100 ms x 3), not the hold timer
         r = _client(ip, 80, 30)
-        assert not r["errors"] and set(r["seen_as"]) <= set([lab.hostvars[h]["netstack_underlay_ip"]
-                                                              for h in ("cp1", "worker1")]), r
+        others = set(lab.hostvars[h]["netstack_underlay_ip"] for h in ("cp1", "worker1"))
+        assert not r["errors"] and set(r["seen_as"]) <= others, r
     finally:
         lab.sh("worker2", "systemctl start frr.service")
     assert _wait("back", lambda: gone in _bgp_routes(lab).get("%s/32" % ip, []), timeout=30)
@@ -211,7 +214,7 @@ def test_export_pod_cidr_and_a_deleted_service_is_withdrawn(bgp):
     assert gone, "%s still in the router's RIB 10 s after the play" % ips["default/my-app"]
     assert time.time() - t_end < 10
     cidrs = [lab.hostvars[h]["netstack_pod_cidr"] for h in lab.hosts()]
-    routes = _wait("pod CIDRs", lambda: (lambda r: r if all(c in r for c in cidrs) else None)(_bgp_routes(lab)), 10)
+    routes = _wait("pod CIDRs", lambda: _routes_if(lab, lambda r: all(c in r for c in cidrs)), 10)
     for h in lab.hosts():
         assert routes[lab.hostvars[h]["netstack_pod_cidr"]] == [lab.hostvars[h]["netstack_underlay_ip"]], routes
     # nothing changed the second time, and verify is quiet
