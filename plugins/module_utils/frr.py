@@ -508,6 +508,7 @@ class Frr:
 
     def restart(self, start_only=False):
         self.systemctl.run("enable", "frr.service", check=False)
+        self.systemctl.run("reset-failed", "frr.service", check=False)     # a unit that failed (killed) starts again
         self.systemctl.run("start" if start_only else "restart", "frr.service")
         for _i in range(60):
             if self.answers() and ("bgpd" in self.vtysh("show daemons") if not start_only else True):
