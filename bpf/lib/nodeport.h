@@ -48,6 +48,7 @@ struct ns_icmphdr {
 
 #define NS_SNAT_TRIES 16
 #define NS_CT_STALE_NS (300ULL * NSEC_PER_SEC)   /* a reverse entry idle this long frees its SNAT port */
+#define NS_CT_CLOSED_NS (1ULL * NSEC_PER_SEC)    /* ... or this long after its TCP connection closed */
 #define NS_AFFINITY_TAG (1ULL << 63)             /* kln_lb_affinity keys of external clients: tag | IPv4 */
 
 struct {
@@ -168,17 +169,55 @@ static __always_inline int ns_forward(struct __sk_buff *skb, __be32 saddr, __be3
 	return bpf_redirect(fib.ifindex, 0);
 }
 
+/* TCP flags of the packet (0 for UDP) */
+static __always_inline __u8 ns_tcp_flags(struct __sk_buff *skb, const struct ns_ct4_key *k)
+{
+	__u8 fl = 0;
+
+	if (k->proto != IPPROTO_TCP || bpf_skb_load_bytes(skb, NS_L4_OFF + 13, &fl, 1) < 0)
+		return 0;
+	return fl;
+}
+
+#define NS_TCP_FIN 0x01
+#define NS_TCP_SYN 0x02
+#define NS_TCP_RST 0x04
+
+/* A FIN or RST closes the flow: both of its entries are marked, so its SNAT port is free again soon. */
+static __always_inline void ns_mark_closing(struct ns_ct4 *ct, struct ns_ct4_key *other)
+{
+	struct ns_ct4 *o = bpf_map_lookup_elem(&kln_ns_ct4, other);
+
+	ct->flags |= NS_CT_CLOSING;
+	if (o)
+		o->flags |= NS_CT_CLOSING;
+}
+
+static __always_inline int ns_stale(const struct ns_ct4 *ct, __u64 now)
+{
+	return now - ct->last_seen > ((ct->flags & NS_CT_CLOSING) ? NS_CT_CLOSED_NS : NS_CT_STALE_NS);
+}
+
 /* A reply of a translated flow (NS_CT_REV entry of its 5-tuple): back to the address the client used,
  * and out towards the client. TCX_NEXT when the packet is no such reply. */
 static __always_inline int ns_reverse(struct __sk_buff *skb, struct ns_ct4_key *k, __u8 ttl)
 {
 	struct ns_ct4 *ct = bpf_map_lookup_elem(&kln_ns_ct4, k);
+	struct ns_ct4_key fk = {};
 	struct ns_ct4 c;
 
-	if (!ct || ct->flags != NS_CT_REV)
+	if (!ct || (ct->flags & NS_CT_DIR) != NS_CT_REV)
 		return TCX_NEXT;
 	c = *ct;
 	ct->last_seen = bpf_ktime_get_ns();
+	if (ns_tcp_flags(skb, k) & (NS_TCP_FIN | NS_TCP_RST)) {
+		fk.saddr = c.addr2;
+		fk.daddr = c.addr1;
+		fk.sport = c.port2;
+		fk.dport = c.port1;
+		fk.proto = k->proto;
+		ns_mark_closing(ct, &fk);
+	}
 	if (ns_rewrite(skb, k, c.addr1, c.port1, c.addr2, c.port2) < 0)
 		return TC_ACT_SHOT;
 	return ns_forward(skb, c.addr1, c.addr2, k->proto, ttl);
@@ -308,7 +347,7 @@ static __always_inline __be16 ns_snat_port(const struct ns_config *cfg, const st
 		if (!bpf_map_update_elem(&kln_ns_ct4, &rk, rev, BPF_NOEXIST))
 			return rk.dport;
 		old = bpf_map_lookup_elem(&kln_ns_ct4, &rk);
-		if (old && now - old->last_seen > NS_CT_STALE_NS) {
+		if (old && ns_stale(old, now)) {
 			bpf_map_update_elem(&kln_ns_ct4, &rk, rev, BPF_ANY);
 			return rk.dport;
 		}
@@ -338,18 +377,30 @@ static __always_inline int ns_from_netdev(struct __sk_buff *skb)
 		return TCX_NEXT;
 	ct = bpf_map_lookup_elem(&kln_ns_ct4, &k);
 	if (ct) {
-		if (ct->flags == NS_CT_REV)
+		__u8 fl;
+
+		if ((ct->flags & NS_CT_DIR) == NS_CT_REV)
 			return ns_reverse(skb, &k, ttl);
 		fwd = *ct;
-		if (!ns_backend(fwd.backend_id, &be) && be.address == fwd.addr1 && be.port == fwd.port1) {
+		fl = ns_tcp_flags(skb, &k);
+		if (!((fwd.flags & NS_CT_CLOSING) && (fl & NS_TCP_SYN)) &&    /* a new connection on a closed one's port */
+		    !ns_backend(fwd.backend_id, &be) && be.address == fwd.addr1 && be.port == fwd.port1) {
 			ct->last_seen = bpf_ktime_get_ns();
+			if (fl & (NS_TCP_FIN | NS_TCP_RST)) {
+				rk.saddr = fwd.addr1;
+				rk.sport = fwd.port1;
+				rk.daddr = fwd.addr2 ? fwd.addr2 : k.saddr;
+				rk.dport = fwd.addr2 ? fwd.port2 : k.sport;
+				rk.proto = k.proto;
+				ns_mark_closing(ct, &rk);
+			}
 			saddr = fwd.addr2 ? fwd.addr2 : k.saddr;
 			sport = fwd.addr2 ? fwd.port2 : k.sport;
 			if (ns_rewrite(skb, &k, saddr, sport, fwd.addr1, fwd.port1) < 0)
 				return TC_ACT_SHOT;
 			return ns_deliver(skb, cfg, saddr, fwd.addr1, k.proto, ttl);
 		}
-		bpf_map_delete_elem(&kln_ns_ct4, &k);    /* its backend is gone: a new one below */
+		bpf_map_delete_elem(&kln_ns_ct4, &k);    /* its backend is gone, or the port starts a new connection */
 	}
 	key.address = k.daddr;
 	key.dport = k.dport;

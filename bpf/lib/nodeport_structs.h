@@ -61,6 +61,8 @@ struct ns_ct4 {
 
 #define NS_CT_FWD 1
 #define NS_CT_REV 2
+#define NS_CT_DIR 3          /* the direction bits */
+#define NS_CT_CLOSING 0x80   /* a TCP FIN or RST passed: the entry (and its SNAT port) is free again after 1 s */
 
 #ifndef __bpf__
 _Static_assert(sizeof(struct ns_config) == 24, "ns_config");
