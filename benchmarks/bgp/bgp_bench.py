@@ -17,7 +17,6 @@ Needs the lab up (make lab-up); it runs install.yml with the shared example docu
 datacenter timers) and at the end install.yml with the lab's own inventory again (no BGP).
 """
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -101,7 +100,8 @@ def main():
     try:
         run_playbook("playbooks/install.yml", "-e", "@" + tmp.name, inventory=Path(a.inventory))
         ip = json.loads(lab.sh("cp1", "cat /etc/kldload-netstack/lbipam.json").stdout)["assignments"]["default/my-app"][0]
-        routes = lambda: json.loads(lab.sh("router1", "vtysh -c 'show ip route bgp json'").stdout or "{}")  # noqa: E731
+        def routes():
+            return json.loads(lab.sh("router1", "vtysh -c 'show ip route bgp json'").stdout or "{}")
         deadline = time.time() + 30
         while len((routes().get("%s/32" % ip) or [{}])[0].get("nexthops", [])) < len(nodes) and time.time() < deadline:
             time.sleep(0.2)
@@ -165,7 +165,7 @@ def main():
             raise SystemExit("no connection straight to the pod %s: %s" % (pod, errs))
         out["conn_per_s"] = {"edge_lb_ip": round(statistics.median(edge)), "direct_to_pod": round(statistics.median(direct)),
                              "ratio": round(statistics.median(edge) / statistics.median(direct), 3),
-                             "errors": {"edge": [e for e in errs.get(80, [])], "direct": [e for e in errs.get(8080, [])]}}
+                             "errors": {"edge": list(errs.get(80, [])), "direct": list(errs.get(8080, []))}}
     finally:
         run_playbook("playbooks/install.yml", inventory=Path(a.inventory), check=False)
         os.unlink(tmp.name)
