@@ -100,6 +100,7 @@ def main():
     try:
         run_playbook("playbooks/install.yml", "-e", "@" + tmp.name, inventory=Path(a.inventory))
         ip = json.loads(lab.sh("cp1", "cat /etc/kldload-netstack/lbipam.json").stdout)["assignments"]["default/my-app"][0]
+
         def routes():
             return json.loads(lab.sh("router1", "vtysh -c 'show ip route bgp json'").stdout or "{}")
         deadline = time.time() + 30

@@ -377,8 +377,8 @@ def strip_owned(text):
                         in_own = False
                 else:
                     keep_lines.append(ln)
-            if [ln for ln in keep_lines if ln not in ("bfd", "exit")]:
-                kept += keep_lines
+            # an empty "bfd" node stays: bfdd keeps it once made ("no bfd" does not remove it)
+            kept += keep_lines if keep_lines[-1:] == ["exit"] else keep_lines + ["exit"]
             if own_lines:
                 owned += ["bfd"] + own_lines + ["exit"]
         elif _owned(first):
@@ -590,7 +590,7 @@ def apply(spec, frr, check=False):
         kept, had = strip_owned(current)
         if spec["state"] == "absent" and not had.strip():
             return res                  # nothing of ours in FRR (or FRR not running): nothing to remove
-        full = kept + owned
+        full = _merge(kept, owned)
         path = os.path.join(tmp, "frr.conf")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -619,7 +619,7 @@ def apply(spec, frr, check=False):
                 current = frr.running()
                 kept, _had = strip_owned(current)
                 with open(path, "w") as f:
-                    f.write(kept + owned)
+                    f.write(_merge(kept, owned))
             rundir = os.path.join(tmp, "run")
             os.mkdir(rundir, 0o700)
             removed, added = frr.reload_test(path, rundir, secret_list)
@@ -640,6 +640,27 @@ def apply(spec, frr, check=False):
         shutil.rmtree(tmp, ignore_errors=True)
     res["changed"] = bool(res["removed"] or res["added"] or res["daemons"] or res["service"] or res["files"])
     return res
+
+
+def _merge(kept, owned):
+    """The configuration: what is kept, then the owned blocks; the kept ``bfd`` node's lines go into the owned
+    ``bfd`` block when there is one (one ``bfd`` context, as FRR shows it)."""
+    if not owned.startswith("bfd\n"):
+        return kept + owned
+    out, extra, in_bfd = [], [], False
+    for ln in kept.splitlines():
+        if ln == "bfd":
+            in_bfd = True
+            continue
+        if in_bfd:
+            if ln == "exit":
+                in_bfd = False
+            else:
+                extra.append(ln)
+            continue
+        out.append(ln)
+    head = owned.split("\n", 1)
+    return "\n".join(out) + ("\n" if out else "") + "bfd\n" + "".join(x + "\n" for x in extra) + head[1]
 
 
 def _frr_group(path):

@@ -221,7 +221,9 @@ def test_bad_input_leaves_running_config_untouched(pair):
 @need_frr
 def test_absent_removes_only_what_is_ours(pair):
     a = pair["frr"][0]
-    frr.apply(frr.normalize(SPEC), a)
+    with_bfd = dict(SPEC, neighbors=[dict(SPEC["neighbors"][0], bfd=True)])
+    assert not frr.apply(frr.normalize(with_bfd), a, check=False)["removed"]
+    assert not frr.apply(frr.normalize(with_bfd), a)["changed"]
     res = frr.apply(frr.normalize({"state": "absent"}), a)
     assert res["changed"] and any(x.startswith("no router bgp") for x in res["removed"]), res
     run = a.running()
