@@ -229,3 +229,26 @@ def test_export_pod_cidr_and_a_deleted_service_is_withdrawn(bgp):
 def _quiet(proc):
     lines = [ln for ln in proc.stdout.split("PLAY RECAP")[-1].splitlines() if "ok=" in ln]
     return lines and all("changed=0 " in ln for ln in lines)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("same-ip", "is requested by default/solo too"),
+    ("pool-overlap", "overlaps the pod CIDR"),
+    ("node-port", "is outside the NodePort range"),
+])
+def test_bad_lb_input_is_refused_before_any_node_is_touched(bgp, case, message):
+    lab = bgp["lab"]
+    v = _vars(lab)
+    if case == "same-ip":
+        v["netstack_services"].append({"name": "twin", "type": "LoadBalancer", "labels": {"announce": "bgp"}, "port": 81,
+                                       "loadBalancerIP": "192.168.10.50", "selector": {"app": "solo"}})
+    elif case == "pool-overlap":
+        v["netstack_lb_ip_pools"].append({"name": "pods", "cidrs": [{"cidr": "10.244.11.128/25"}]})
+    else:
+        v["netstack_services"].append({"name": "np", "type": "NodePort", "port": 82, "nodePort": 29000,
+                                       "selector": {"app": "solo"}})
+    before = dict((h, lab.sh(h, "vtysh -c 'show running-config'; netstack lb list").stdout) for h in lab.hosts())
+    proc = run_playbook("playbooks/install.yml", "-e", _write(bgp["tmp"], v), check=False)
+    assert proc.returncode != 0 and message in proc.stdout, proc.stdout[-3000:]
+    assert "changed=0" in proc.stdout.split("PLAY RECAP")[-1]
+    assert all(lab.sh(h, "vtysh -c 'show running-config'; netstack lb list").stdout == before[h] for h in lab.hosts())
