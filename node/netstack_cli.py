@@ -11,6 +11,9 @@
                                        the WireGuard device: backend, public key, port, peers and their handshakes
   netstack encrypt restore [--interface NAME]
                                        apply the saved WireGuard configuration again (netstack-wireguard-NAME.service)
+  netstack bgp peers [--json]          BGP sessions per neighbour and family: state, uptime, prefixes received /
+                                       advertised (like cilium bgp peers), from FRR
+  netstack lb flows [--json]           the edge load balancer's translated flows (LoadBalancer IPs, NodePorts)
   netstack dataplane restore           apply the node configuration again with the last applied service
                                        table (what netstack-dataplane.service runs at boot)
   netstack identity list [--json]      the security identities the node knows, with their labels (like cilium identity list)
@@ -115,6 +118,26 @@ def cmd_encrypt_restore(args):
     print("netstack: %s (%s backend): %s" % (args.interface, res["backend"], "; ".join(res["changes"]) or "in place"))
 
 
+def cmd_bgp_peers(args):
+    from ansible_collections.kldload.netstack.plugins.module_utils import frr
+    try:
+        rows = frr.peers(frr.Frr())
+    except frr.FrrRuntimeError as e:
+        sys.exit("netstack: %s" % e)
+    print(json.dumps(rows, indent=1, sort_keys=True) if args.json else frr.format_peers(rows))
+
+
+def cmd_lb_flows(args):
+    from ansible_collections.kldload.netstack.plugins.module_utils import nodeport
+    rows = nodeport.flows(_config()["pin_path"])
+    if args.json:
+        print(json.dumps(rows, indent=1, sort_keys=True))
+        return
+    print("%-6s %-8s %-44s %s" % ("PROTO", "DIR", "PACKET", "TRANSLATED"))
+    for r in sorted(rows, key=lambda r: (r["direction"], r["packet"])):
+        print("%-6s %-8s %-44s %s" % (r["proto"], r["direction"], r["packet"], r["translated"]))
+
+
 def cmd_restore(_args):
     t0 = time.time()
     res = runtime.apply(_config())
@@ -162,6 +185,13 @@ def main(argv=None):
     p = p_lb.add_parser("list", help="the service table")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_lb_list)
+    p = p_lb.add_parser("flows", help="the edge load balancer's translated flows")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_lb_flows)
+    p_bgp = sub.add_parser("bgp", help="BGP (FRR)").add_subparsers(dest="sub", required=True)
+    p = p_bgp.add_parser("peers", help="the BGP sessions: state, uptime, prefixes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_bgp_peers)
     p_ep = sub.add_parser("endpoint", help="the pods' endpoints").add_subparsers(dest="sub", required=True)
     p = p_ep.add_parser("list", help="the endpoints on this node")
     p.add_argument("--json", action="store_true")

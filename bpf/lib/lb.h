@@ -107,14 +107,15 @@ static __always_inline int lb_weighted_slot(void *svc_map, void *key, __u16 *slo
 	return 0;
 }
 
-/* Backend id for a service whose master copy is *m (m->count > 0). */
-static __always_inline int lb_select(struct bpf_sock_addr *ctx, void *svc_map, void *key,
-				     __u16 *slot, const struct lb_service *m, __u64 cookie, __u32 *id)
+/* Backend id for a service whose master copy is *m (m->count > 0); ``flow`` is the Maglev flow hash
+ * (the socket hooks: lb_flow_hash(); the edge, nodeport.h: a hash of the packet's 5-tuple). */
+static __always_inline int lb_select_flow(void *svc_map, void *key, __u16 *slot, const struct lb_service *m,
+					  __u32 flow, __u32 *id)
 {
 	__u32 n = 0;
 
 	if (m->algorithm == LB_ALG_MAGLEV) {
-		if (lb_maglev_pick(m, lb_flow_hash(ctx, cookie), id) == 0)
+		if (lb_maglev_pick(m, flow, id) == 0)
 			return 0;
 	} else if (m->algorithm == LB_ALG_WEIGHTED) {
 		if (lb_weighted_slot(svc_map, key, slot, m, &n) == 0)
@@ -127,6 +128,12 @@ lookup:
 	if (n != 1 && lb_slot_backend(svc_map, key, slot, 1, id) == 0)
 		return 0;
 	return -1;
+}
+
+static __always_inline int lb_select(struct bpf_sock_addr *ctx, void *svc_map, void *key,
+				     __u16 *slot, const struct lb_service *m, __u64 cookie, __u32 *id)
+{
+	return lb_select_flow(svc_map, key, slot, m, m->algorithm == LB_ALG_MAGLEV ? lb_flow_hash(ctx, cookie) : 0, id);
 }
 
 /* ---- session affinity: per client netns and service ------------------------ */
@@ -233,6 +240,7 @@ static __always_inline int lb6_fwd(struct bpf_sock_addr *ctx, const __be32 vip[4
 }
 
 /* ---- reverse translation records -------------------------------------------- */
+#ifndef KLN_LB_NO_SOCK_REVNAT
 
 static __always_inline void lb4_revnat_put(__u64 cookie, const struct lb4_backend *be,
 					   __be32 vip, __be16 vport, __u16 sid)
@@ -335,5 +343,7 @@ static __always_inline int lb6_revnat_get(__u64 cookie, const __be32 addr[4], __
 	}
 	return 0;
 }
+
+#endif /* KLN_LB_NO_SOCK_REVNAT */
 
 #endif /* KLN_LB_H */

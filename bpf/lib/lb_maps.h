@@ -89,6 +89,9 @@ struct {
 	KLN_PINNING
 } kln_lb6_backend SEC(".maps");
 
+/* The socket-reverse maps are the socket LB's own; objects that only read the service table (the edge,
+ * nodeport.c) define KLN_LB_NO_SOCK_REVNAT and do not carry them. */
+#ifndef KLN_LB_NO_SOCK_REVNAT
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct lb4_revnat_key);
@@ -104,6 +107,7 @@ struct {
 	__uint(max_entries, LB6_REVNAT_MAP_SIZE);
 	KLN_PINNING
 } kln_lb6_revnat SEC(".maps");
+#endif /* KLN_LB_NO_SOCK_REVNAT */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

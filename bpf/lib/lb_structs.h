@@ -40,6 +40,8 @@
 
 /* lb_service.flags (master slot) */
 #define LB_SVC_F_AFFINITY 0x01  /* session affinity per client netns, affinity_timeout seconds */
+#define LB_SVC_F_EXTERNAL 0x02  /* also answered at the node's edge (LoadBalancer IP, NodePort): nodeport.c */
+#define LB_SVC_F_LOCAL    0x04  /* externalTrafficPolicy Local: local backends only, client address kept */
 
 /* lb_config.flags */
 #define LB_CFG_F_NONE     0x00

@@ -76,6 +76,14 @@ options:
         description: Session affinity per client (network namespace) for this many seconds; 0 disables.
         type: int
         default: 0
+      external:
+        description:
+          - Also answered at the node's edge (the C(nodeport) object - a LoadBalancer IP or a NodePort on the node's
+            address, from the LAN) - V(cluster) with SNAT to the node's address (externalTrafficPolicy Cluster),
+            V(local) keeping the client's address (externalTrafficPolicy Local; list only this node's backends).
+            Absent - the socket LB only (a ClusterIP). (0.3.0)
+        type: str
+        choices: [cluster, local]
       backends:
         description: Backends. An empty list makes connections to the VIP fail at once (EPERM).
         type: list

@@ -19,6 +19,7 @@ SERVICES = dict(
         protocol=dict(type="str", choices=["tcp", "udp"], default="tcp"),
         algorithm=dict(type="str", choices=["random", "maglev"], default="random"),
         affinity_timeout=dict(type="int", default=0),
+        external=dict(type="str", choices=["cluster", "local"]),
         backends=dict(type="list", elements="dict", default=[], options=dict(
             ip=dict(type="str", required=True),
             port=dict(type="int"),
@@ -36,6 +37,8 @@ def services_from_params(params):
     out = []
     for s in params.get("services") or []:
         s = dict(s)
+        if s.get("external") is None:
+            s.pop("external", None)
         s["backends"] = [dict((k, v) for k, v in b.items() if v is not None) for b in s.get("backends") or []]
         out.append(s)
     return out

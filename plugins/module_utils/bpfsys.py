@@ -94,7 +94,8 @@ LINK_TYPE_TCX = 11
 # flags
 F_NO_PREALLOC = 1
 F_REPLACE = 4           # BPF_F_REPLACE (link update: old_prog_fd must match)
-F_BEFORE = 8            # BPF_F_BEFORE (tcx link create: before every program on the hook when no relative one is named)
+F_BEFORE = 8            # BPF_F_BEFORE (tcx link create: before the program named, or before all of them)
+F_ID = 32               # BPF_F_ID (tcx link create: the relative program is named by its id)
 XDP_FLAGS = {"auto": 0, "generic": 2, "native": 4, "offload": 8}
 
 _ATTR_SIZE = 144         # >= every layout we use; the kernel zero-checks any tail beyond its own size
@@ -430,11 +431,12 @@ def prog_test_run(prog_fd, data, data_out_size=None, repeat=1, ctx=None):
     return retval, dout.raw[:out_size]
 
 
-def link_create(prog_fd, target, attach_type, flags=0):
-    """BPF_LINK_CREATE. ``target``: a cgroup directory fd or an ifindex (XDP, tcx)."""
+def link_create(prog_fd, target, attach_type, flags=0, relative=0):
+    """BPF_LINK_CREATE. ``target``: a cgroup directory fd or an ifindex (XDP, tcx); ``relative``: for tcx with
+    F_BEFORE | F_ID, the id of the program to go in front of."""
     at = ATTACH_TYPES[attach_type] if not isinstance(attach_type, int) else attach_type
-    return Fd(sys_bpf(LINK_CREATE, _attr((0, "I", prog_fd), (4, "I", target), (8, "I", at), (12, "I", flags)),
-                      str(attach_type)))
+    return Fd(sys_bpf(LINK_CREATE, _attr((0, "I", prog_fd), (4, "I", target), (8, "I", at), (12, "I", flags),
+                                         (16, "I", relative)), str(attach_type)))
 
 
 def link_update(link_fd, new_prog_fd, old_prog_fd=None):

@@ -629,7 +629,8 @@ def _dataplane(environ):
 
 def endpoint_programs(cfg, target="endpoint"):
     """The programs the node's objects declare for endpoints (manifest target ``endpoint``; or another
-    target the loader does not attach itself: ``tunnel``): [{object, program, attach, first, prog_pin}],
+    target the loader does not attach itself: ``tunnel``): [{object, program, attach, order, orders, prog_pin}]
+    (``orders``: the tcx orders of every program of the node's objects, loader.tcx_orders()),
     from the manifests in the node bundle and the programs the loader pinned
     (``<pin root>/<object>/progs_<version>/<program>``). CNIError 11 when an object with such programs is
     not loaded (yet)."""
@@ -648,13 +649,19 @@ def endpoint_programs(cfg, target="endpoint"):
                         for n in names if "netstack_objects/%s.manifest.json" % n in members)
     except (IOError, OSError, ValueError, zipfile.BadZipfile) as e:
         raise CNIError(E_NOT_AVAILABLE, "cannot read the manifests in the node bundle %s" % bundle, str(e))
+    manifests = {}
     for name in names:
         if name not in docs:
             continue
         try:
-            m = _manifest.validate(docs[name], "%s:%s" % (bundle, name), bpfsys.ATTACH_TYPES)
+            manifests[name] = _manifest.validate(docs[name], "%s:%s" % (bundle, name), bpfsys.ATTACH_TYPES)
         except _manifest.ManifestError as e:
             raise CNIError(E_NOT_AVAILABLE, "the manifest of %s in the node bundle is invalid" % name, str(e))
+    orders = loader.tcx_orders(manifests.values())
+    for name in names:
+        if name not in manifests:
+            continue
+        m = manifests[name]
         progs = sorted(p for p, v in m["programs"].items() if v["target"] == target)
         if not progs:
             continue
@@ -665,7 +672,8 @@ def endpoint_programs(cfg, target="endpoint"):
             raise CNIError(E_TRY_AGAIN, "object %s, which has %s programs, is not loaded in %s" % (name, target, root))
         for p in progs:
             out.append({"object": name, "program": p, "attach": m["programs"][p]["attach"],
-                        "first": m["programs"][p]["first"], "prog_pin": os.path.join(objdir, loaded[-1], p)})
+                        "order": m["programs"][p]["order"], "orders": orders,
+                        "prog_pin": os.path.join(objdir, loaded[-1], p)})
     return out
 
 
@@ -688,7 +696,7 @@ def attach_endpoint(cfg, container_id, ifname, host_interface):
     try:
         for p in progs:
             pin = _link_pin(cfg["pin_path"], p["object"], container_id, ifname, p["program"])
-            loader.hold_link(pin, p["prog_pin"], ifindex, p["attach"], p["first"])
+            loader.hold_link(pin, p["prog_pin"], ifindex, p["attach"], p["order"], p["orders"])
             done.append({"object": p["object"], "program": p["program"], "attach": p["attach"], "pin": pin})
     except OSError as e:
         for d in done:
@@ -725,7 +733,7 @@ def reconcile_endpoints(cfg, directory=None, check=False):
             pin = _link_pin(cfg["pin_path"], p["object"], cid, ifn, p["program"])
             mine.append(pin)
             out.append({"object": p["object"], "program": p["program"], "attach": p["attach"], "pin": pin})
-            if loader.hold_link(pin, p["prog_pin"], ifindex, p["attach"], p["first"], check):
+            if loader.hold_link(pin, p["prog_pin"], ifindex, p["attach"], p["order"], p["orders"], check):
                 changes.append("endpoint %s: attach %s/%s (%s)" % (_ep_name(rec), p["object"], p["program"], p["attach"]))
         for d in have:
             if d.get("pin") not in mine:

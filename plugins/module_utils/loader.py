@@ -96,7 +96,8 @@ def resolve_attachments(attach, objdir):
         if not isinstance(a, dict) or not a.get("program"):
             raise ProgError("%s.program: required" % where)
         t = canonical_type(a.get("type", ""), where)
-        entry = {"program": a["program"], "type": t, "xdp_mode": a.get("xdp_mode") or "auto", "first": bool(a.get("first"))}
+        entry = {"program": a["program"], "type": t, "xdp_mode": a.get("xdp_mode") or "auto",
+                 "order": a.get("order") or mf.TCX_ORDER_DEFAULT}
         if t.startswith("cgroup_"):
             cg = a.get("cgroup")
             if not cg:
@@ -153,7 +154,7 @@ def targets_to_attach(manifest, targets, where="targets"):
         elif p["target"] == "device":
             for dev in targets.get("devices") or []:
                 out.append({"program": name, "type": p["attach"], "device": dev,
-                            "xdp_mode": targets.get("xdp_mode") or "auto", "first": p.get("first", False)})
+                            "xdp_mode": targets.get("xdp_mode") or "auto", "order": p.get("order")})
     return out
 
 
@@ -539,8 +540,9 @@ def _apply(root, objects, acts, module, run):
     recreated_globals = set(p for p, _n, _s, _h in acts["globals_recreate"])
     for name, oa in sorted(acts["objects"].items()):
         _apply_maps_and_load(objects[name], oa, gnext, recreated_globals, module, run)
+    orders = tcx_orders(o["manifest"] for o in objects.values() if o.get("manifest"))
     for name, oa in sorted(acts["objects"].items()):
-        _apply_links(oa, module, run)
+        _apply_links(oa, module, run, orders)
     # point of no return: the hooks run the new programs. Clean up what is no longer used.
     del run.undo[:]
     for name, oa in sorted(acts["objects"].items()):
@@ -591,7 +593,7 @@ def _apply_maps_and_load(o, oa, gnext, recreated_globals, module, run):
     run.did("load %s" % o["name"])
 
 
-def _apply_links(oa, module, run):
+def _apply_links(oa, module, run, orders):
     prog_src = os.path.join(oa["objdir"], STAGING) if oa["load"] else oa["progs_dir"]
     linkdir = os.path.join(oa["objdir"], LINKS)
     _mkdir(linkdir, run)
@@ -617,18 +619,34 @@ def _apply_links(oa, module, run):
                 finally:
                     os.close(tfd)
             else:
-                lfd = bpfsys.link_create(pfd, a["ifindex"], a["type"], link_flags(a))
+                lfd = _device_link(pfd, a["ifindex"], a, orders)
             with lfd:
                 bpfsys.obj_pin(lfd, a["pin"])
         run.did("create link %s" % a["pin"], lambda pin=a["pin"]: unpin_link(pin))
 
 
-def link_flags(a):
-    """BPF_LINK_CREATE flags of an attachment to a device: the XDP mode, or BPF_F_BEFORE for a tcx program
-    that goes first (a manifest's ``first``)."""
+def tcx_orders(manifests):
+    """{kernel program name (15 characters): order} of the tcx programs of ``manifests``."""
+    return dict((name[:15], p.get("order", mf.TCX_ORDER_DEFAULT)) for m in manifests for name, p in m["programs"].items())
+
+
+def _device_link(prog_fd, ifindex, a, orders):
+    """A link of the program to device ``ifindex`` (attachment ``a``: type, xdp_mode, order): XDP in its mode;
+    tcx in front of the first program on the hook whose order (``orders``: program name -> order, others
+    the default) is larger than this one's, else after them all."""
     if a["type"] == "xdp":
-        return bpfsys.XDP_FLAGS[a.get("xdp_mode") or "auto"]
-    return bpfsys.F_BEFORE if a.get("first") and a["type"].startswith("tcx_") else 0
+        return bpfsys.link_create(prog_fd, ifindex, a["type"], bpfsys.XDP_FLAGS[a.get("xdp_mode") or "auto"])
+    mine = a.get("order") or mf.TCX_ORDER_DEFAULT
+    if a["type"].startswith("tcx_"):
+        for pid in bpfsys.prog_query(ifindex, a["type"]):
+            try:
+                with bpfsys.prog_fd_by_id(pid) as fd:
+                    name = bpfsys.prog_info(fd)["name"]
+            except OSError:
+                continue
+            if orders.get(name, mf.TCX_ORDER_DEFAULT) > mine:
+                return bpfsys.link_create(prog_fd, ifindex, a["type"], bpfsys.F_BEFORE | bpfsys.F_ID, pid)
+    return bpfsys.link_create(prog_fd, ifindex, a["type"])
 
 
 def _finish_object(oa):
@@ -662,11 +680,11 @@ def link_current(pin, prog_pin, ifindex):
     return kind == "prog" and prog["id"] == info["prog_id"]
 
 
-def hold_link(pin, prog_pin, ifindex, attach, first=False, check=False):
+def hold_link(pin, prog_pin, ifindex, attach, order=mf.TCX_ORDER_DEFAULT, orders=None, check=False):
     """The link pinned at ``pin`` runs the program pinned at ``prog_pin`` on device ``ifindex`` (tcx): a
     link on that device moves to the program with BPF_LINK_UPDATE (no moment without one), a missing link
-    or one on another device (the device was made again) is created (``first``: before the other programs
-    on the hook). The links the node apply or the CNI plugin attach outside an object's ``links/``
+    or one on another device (the device was made again) is created, placed on the hook by ``order`` among
+    the programs there (``orders``: their names' orders; see _device_link). The links the node apply or the CNI plugin attach outside an object's ``links/``
     (endpoints, the tunnel device) all go through here. Returns whether it changed (would change) anything."""
     if link_current(pin, prog_pin, ifindex):
         return False
@@ -682,7 +700,7 @@ def hold_link(pin, prog_pin, ifindex, attach, first=False, check=False):
         else:
             if os.path.lexists(pin):
                 unpin_link(pin)
-            with bpfsys.link_create(pfd, ifindex, attach, link_flags({"type": attach, "first": first})) as lfd:
+            with _device_link(pfd, ifindex, {"type": attach, "order": order}, orders or {}) as lfd:
                 bpfsys.obj_pin(lfd, pin)
     return True
 

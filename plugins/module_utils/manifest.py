@@ -11,8 +11,11 @@ beside the compiled object (``<name>.o`` + ``<name>.manifest.json``). It declare
   devices the configuration names), ``endpoint`` (each pod's host-side interface; attached by the
   CNI plugin, not by the node apply), ``tunnel`` (the pod network's VXLAN device in tunnel mode;
   attached by the node apply after it made the device). ``family`` (4 or 6) lets a node without IPv6
-  skip a program. ``first`` (tcx only) puts the program before the others on its hook (BPF_F_BEFORE):
-  a policy program that must judge a packet before a forwarding program redirects it.
+  skip a program. ``order`` (tcx only, 1-99, default 50) places the program on its hook among the
+  programs already there - before the first one with a larger order (BPF_F_BEFORE), whatever order they
+  were attached in: on the underlay the edge load balancer (10) before the policy (20) before BPF host
+  routing (50), on a pod's host interface the policy (10) before the edge's reply translation (20) before
+  host routing (50).
 * ``maps``: name -> {type, key_size, value_size, max_entries (the default), flags, shared,
   version, migrations}. A *shared* map is pinned once per node under ``<pin root>/globals/`` as
   ``<name>_v<version>`` and reused by every object that declares it (like Cilium's
@@ -41,7 +44,8 @@ MIGRATIONS = ("copy", "extend")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,14}$")
 _MAP_KEYS = frozenset(["type", "key_size", "value_size", "max_entries", "flags", "shared", "version", "migrations",
                        "layout", "description"])
-_PROG_KEYS = frozenset(["attach", "target", "family", "first", "description"])
+_PROG_KEYS = frozenset(["attach", "target", "family", "order", "description"])
+TCX_ORDER_DEFAULT = 50
 
 
 class ManifestError(ValueError):
@@ -109,10 +113,11 @@ def validate(doc, where="manifest", attach_types=None):
         family = p.get("family")
         if family not in (None, 4, 6):
             raise ManifestError("%s.family: must be 4 or 6, got %r" % (pw, family))
-        first = p.get("first", False)
-        if not isinstance(first, bool) or (first and not attach.startswith("tcx_")):
-            raise ManifestError("%s.first: true or false, and only for tcx attach types, got %r" % (pw, first))
-        out["programs"][pname] = {"attach": attach, "target": target, "family": family, "first": first}
+        order = p.get("order", TCX_ORDER_DEFAULT)
+        if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 99 \
+                or ("order" in p and not attach.startswith("tcx_")):
+            raise ManifestError("%s.order: an integer 1-99, for tcx attach types only, got %r" % (pw, order))
+        out["programs"][pname] = {"attach": attach, "target": target, "family": family, "order": order}
     maps = doc.get("maps") or {}
     if not isinstance(maps, dict):
         raise ManifestError("%s.maps: must be a mapping of map name to its spec" % where)

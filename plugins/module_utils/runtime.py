@@ -55,6 +55,7 @@ import tempfile
 import zipfile
 
 from ansible_collections.kldload.netstack.plugins.module_utils import cni, hostroute, lb, loader, podnet, release, routes, units
+from ansible_collections.kldload.netstack.plugins.module_utils import nodeport
 from ansible_collections.kldload.netstack.plugins.module_utils import manifest as mf
 from ansible_collections.kldload.netstack.plugins.module_utils.policy import maps as policy_maps
 from ansible_collections.kldload.netstack.plugins.module_utils.policy import node as policy_node
@@ -67,7 +68,7 @@ BUNDLE_OBJECTS = "netstack_objects/"
 RESTORE_UNIT = "netstack-dataplane.service"
 STATE_FILE = "/var/lib/kldload-netstack/lb/services.json"
 SCHEMA = 1
-_TOP_KEYS = ("schema", "pin_path", "bundle", "objects", "maps", "lb", "routes", "pods")
+_TOP_KEYS = ("schema", "pin_path", "bundle", "objects", "maps", "lb", "routes", "pods", "nodeport")
 _OBJ_KEYS = ("name", "targets")
 _TARGET_KEYS = ("cgroup", "families", "devices", "xdp_mode")
 _LB_KEYS = ("maglev_table_size", "state_file", "destroy_udp_sockets")
@@ -82,7 +83,7 @@ def default_config():
             "objects": [{"name": "sock_lb", "targets": {"cgroup": None, "families": [4, 6], "devices": []}}],
             "maps": {},
             "lb": {"maglev_table_size": lb.DEFAULT_MAGLEV_M, "state_file": STATE_FILE, "destroy_udp_sockets": True},
-            "routes": [], "pods": None}
+            "routes": [], "pods": None, "nodeport": None}
 
 
 def _keys(d, known, where):
@@ -161,6 +162,7 @@ def validate(cfg):
         raise ConfigError(str(e))
     _check_host_routing(out)
     _check_policy(out)
+    _check_nodeport(cfg, out)
     return out
 
 
@@ -180,6 +182,21 @@ def _check_policy(cfg):
     if policy_node.TUNNEL_OBJECT in names and not external:
         raise ConfigError("config.objects[%d].name: %s carries identities in the VNI of an external VXLAN device; "
                           "set config.pods.vxlan.external" % (names.index(policy_node.TUNNEL_OBJECT), policy_node.TUNNEL_OBJECT))
+
+
+def _check_nodeport(cfg, out):
+    """The edge load balancer (object nodeport, nodeport.py): its section, and the object on a device."""
+    try:
+        out["nodeport"] = nodeport.normalize(cfg.get("nodeport"))
+    except nodeport.NodePortError as e:
+        raise ConfigError(str(e))
+    names = [o["name"] for o in out["objects"]]
+    if nodeport.OBJECT in names:
+        i = names.index(nodeport.OBJECT)
+        if out["nodeport"] is None:
+            raise ConfigError("config.objects[%d].name: the nodeport object needs config.nodeport (the node's address)" % i)
+        if not out["objects"][i]["targets"]["devices"]:
+            raise ConfigError("config.objects[%d].targets.devices: the nodeport object attaches to the underlay device" % i)
 
 
 def _check_host_routing(cfg):
@@ -339,13 +356,14 @@ def apply(cfg, services=None, check=False, config_path=None, module=None, restor
     res["tunnel"] = _tunnel_links(cfg, check)
     res["endpoints"] = _endpoint_programs(cfg, check)
     res["host_routing"] = _host_routing(cfg, check)
+    res["nodeport"] = _nodeport(cfg, check)
     if res["config"]["changed"] and not check:
         units.write(config_path, text)
     res["unit"] = units.ensure_unit(RESTORE_UNIT, restore_unit_text(cfg, config_path), "multi-user.target", check=check,
                                     module=module) if restore_unit else []
     res["changed"] = bool(res["config"]["changed"] or res["dataplane"]["changed"] or res["lb"]["changed"]
                           or res["routes"] or res["pods"]["changed"] or res["endpoints"] or res["host_routing"]
-                          or res["policy"]["changed"] or res["tunnel"] or res["unit"])
+                          or res["policy"]["changed"] or res["tunnel"] or res["nodeport"] or res["unit"])
     return res
 
 
@@ -420,7 +438,7 @@ def _tunnel_links(cfg, check):
                 return ["attach %s to %s" % (", ".join(p["program"] for p in want.values()), dev)]
             raise ConfigError("config.pods.vxlan.device: %s does not exist after the pod network was made" % dev)
         for pin, p in sorted(want.items()):
-            if loader.hold_link(pin, p["prog_pin"], ifindex, p["attach"], p["first"], check):
+            if loader.hold_link(pin, p["prog_pin"], ifindex, p["attach"], p["order"], p["orders"], check):
                 changes.append("attach %s/%s to %s (%s)" % (p["object"], p["program"], dev, p["attach"]))
     root = cfg["pin_path"]
     for obj in sorted(os.listdir(root)) if os.path.isdir(root) else []:
@@ -442,6 +460,16 @@ def _host_routing(cfg, check):
         return hostroute.sync(globals_dir(cfg), cfg["pods"], cni.list_endpoints(), check=check)
     except (OSError, hostroute.HostRouteError) as e:
         raise ConfigError("config.objects: cannot write the BPF host routing maps: %s" % (e,))
+
+
+def _nodeport(cfg, check):
+    """The edge load balancer's node settings (nodeport.py) when the node runs the object: the changes."""
+    if cfg["nodeport"] is None or nodeport.OBJECT not in [o["name"] for o in cfg["objects"]]:
+        return []
+    try:
+        return nodeport.sync(cfg["pin_path"], cfg["nodeport"], cfg["pods"], hostroute.enabled(cfg["objects"]), check=check)
+    except (OSError, nodeport.NodePortError) as e:
+        raise ConfigError("config.nodeport: cannot write the edge load balancer's settings: %s" % (e,))
 
 
 def _pods_preflight(cfg, module, check=False):

@@ -254,6 +254,25 @@ options:
             description: The CNI plugin directory; C(<bin_dir>/netstack-cni) is made a symlink to O(bundle).
             type: path
             default: /usr/lib/cni
+  nodeport:
+    description:
+      - The edge load balancer (version_added 0.3.0) - with the object C(nodeport) listed in O(objects) (on the
+        underlay device), LoadBalancer IPs and NodePorts of the services marked O(services[].external) are answered
+        on this node for clients on the LAN (docs/bgp.md).
+    type: dict
+    suboptions:
+      node_ip:
+        description: The node's underlay IPv4 address (NodePorts are answered on it; Cluster-policy flows are SNATed to it).
+        type: str
+        required: true
+      snat_port_min:
+        description: Lowest SNAT source port (keep the range above the node's C(net.ipv4.ip_local_port_range)).
+        type: int
+        default: 61000
+      snat_port_max:
+        description: Highest SNAT source port.
+        type: int
+        default: 65535
   config_path:
     description: Where the node configuration is written (read back by C(netstack) on the node).
     type: path
@@ -347,6 +366,11 @@ routes:
   returned: always
   type: list
   elements: str
+nodeport:
+  description: What changed in the edge load balancer's node settings (node address, pod CIDR, SNAT ports).
+  returned: success
+  type: list
+  elements: str
 pods:
   description:
     - The pod network - C(changes) (what was done or would be, besides routes), C(mtu) (the pod MTU), C(mode)
@@ -406,7 +430,7 @@ def _config(p):
             "maps": p["maps"],
             "lb": {"maglev_table_size": p["maglev_table_size"], "state_file": p["state_file"],
                    "destroy_udp_sockets": p["destroy_udp_sockets"]},
-            "routes": p["routes"], "pods": p["pods"]}
+            "routes": p["routes"], "pods": p["pods"], "nodeport": p["nodeport"]}
 
 
 def main():
@@ -457,6 +481,11 @@ def main():
                 bin_dir=dict(type="path", default="/usr/lib/cni"),
             )),
         )),
+        nodeport=dict(type="dict", options=dict(
+            node_ip=dict(type="str", required=True),
+            snat_port_min=dict(type="int", default=61000),
+            snat_port_max=dict(type="int", default=65535),
+        )),
         config_path=dict(type="path", default=runtime.CONFIG_PATH),
         state=dict(type="str", choices=["present", "absent"], default="present"),
     )
@@ -486,7 +515,8 @@ def main():
                      "mode": cfg["pods"]["routing_mode"] if cfg["pods"] else None,
                      "host_routing": res.get("host_routing", []), "endpoints": res.get("endpoints", []),
                      "tunnel": res.get("tunnel", [])},
-               policy={"changes": res.get("policy", {}).get("changes", []), "diff": res.get("policy", {}).get("diff", [])})
+               policy={"changes": res.get("policy", {}).get("changes", []), "diff": res.get("policy", {}).get("diff", [])},
+               nodeport=res.get("nodeport", []))
     if p["state"] == "present":
         d = res["lb"]["diff"]
         out.update(services=res["lb"]["services"], added=d["added"], removed=d["removed"], service_changes=d["changed"],
@@ -521,6 +551,7 @@ def _diff(res, state):
     after += ["host routing: %s" % c for c in res.get("host_routing", [])]
     after += ["tunnel: %s" % c for c in res.get("tunnel", [])]
     after += ["policy: %s" % c for c in res.get("policy", {}).get("diff", []) + res.get("policy", {}).get("changes", [])]
+    after += ["%s" % c for c in res.get("nodeport", [])]
     after += ["unit: %s" % u for u in res["unit"]]
     return {"before": "\n".join(before) + "\n", "after": "\n".join(after) + "\n"}
 

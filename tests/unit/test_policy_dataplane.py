@@ -329,3 +329,33 @@ def test_what_the_node_command_shows(dp):
     text = node.format_endpoint_policy(p)
     assert "POLICY_DENIED" in text and "NetworkPolicy demo/server-from-client ingress[0]" in text
     assert node.endpoint_policy(dp.gdir, "demo/nobody", RECORDS, dp.compiled) is None
+
+
+@needs_root
+def test_tcx_programs_take_their_place_by_order_whatever_the_attach_order(tmp_path):
+    """On one hook: the edge (10), the policy (20) and host routing (50) end up in that order when attached
+    as 50, 10, 20 (the loader's and the CNI plugin's one way to link a program to a device)."""
+    fs = tmp_path / "bpffs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(fs)], check=True)
+    subprocess.run(["ip", "link", "add", "nsuord0", "type", "veth", "peer", "name", "nsuord1"], check=True)
+    links = []
+    try:
+        subprocess.run(["bpftool", "prog", "loadall", os.path.join(BUILD, "policy.o"), str(fs / "p")], check=True,
+                       capture_output=True)
+        subprocess.run(["bpftool", "prog", "loadall", os.path.join(BUILD, "tests", "ep_count.o"), str(fs / "e")],
+                       check=True, capture_output=True)
+        ifindex = socket.if_nametoindex("nsuord0")
+        progs = [("e/kln_ep_from_pod", 50), ("p/kln_pol_from_container", 10), ("p/kln_pol_from_netdev", 20)]
+        orders = {"kln_ep_from_pod": 50, "kln_pol_from_co": 10, "kln_pol_from_ne": 20}
+        ids = []
+        for path, order in progs:
+            with bpfsys.obj_get(str(fs / path)) as pfd:
+                ids.append(bpfsys.prog_info(pfd)["id"])
+                links.append(loader._device_link(pfd, ifindex, {"type": "tcx_ingress", "order": order}, orders))
+        assert bpfsys.prog_query(ifindex, "tcx_ingress") == [ids[1], ids[2], ids[0]]
+    finally:
+        for lfd in links:
+            os.close(lfd)
+        subprocess.run(["ip", "link", "del", "nsuord0"], check=False)
+        subprocess.run(["umount", str(fs)], check=False)

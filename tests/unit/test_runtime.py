@@ -202,7 +202,7 @@ def test_node_bundle_is_one_zipapp_with_the_whole_library(tmp_path):
     info = json.loads(out.stdout)
     with open(os.path.join(REPO, "galaxy.yml")) as f:
         assert "version: %s" % info["collection"] in f.read()
-    assert set(info["built_objects"]) == {"sock_lb", "host", "lxc", "policy", "overlay"}
+    assert set(info["built_objects"]) == {"sock_lb", "host", "lxc", "policy", "overlay", "nodeport"}
     assert all(len(sha) == 64 for sha in info["built_objects"].values())
     helped = subprocess.run([sys.executable, pyz, "--help"], capture_output=True, text=True, check=True).stdout
     assert "lb list" in helped and "dataplane restore" in helped

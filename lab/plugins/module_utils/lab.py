@@ -127,8 +127,9 @@ class Lab:
 
     def _add_addr(self, netns, dev, address):
         addr, prefix = address.split("/")
+        extra = {"family": socket.AF_INET6, "flags": 0x02} if ":" in addr else {}     # IFA_F_NODAD: usable at once
         with self._rt(netns) as rt:
-            rt.addr("replace", index=rt.link_lookup(ifname=dev)[0], address=addr, prefixlen=int(prefix))
+            rt.addr("replace", index=rt.link_lookup(ifname=dev)[0], address=addr, prefixlen=int(prefix), **extra)
 
     def _add_link(self, netns, **attrs):
         with self._rt(netns) as rt:
@@ -273,6 +274,8 @@ class Node:
         lab.ensure_netns(self.netns)
         lab.ensure_veth(self.mgmt_outer, None, p["mgmt_bridge"], "mgmt0", self.netns, p["mgmt_address"])
         lab.ensure_veth(self.lan_outer, p["lan_netns"], p["lan_bridge"], "eth0", self.netns, p["lan_address"])
+        if p.get("lan_address6"):
+            lab._ensure_addr_up("eth0", p["lan_address6"], self.netns)
         if not is_mountpoint(self.root):
             lab._do("mount overlay root %s" % self.root, self._mount_root)
         if not os.path.exists(os.path.join(self.upper, ".netstack-node")):

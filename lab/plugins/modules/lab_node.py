@@ -57,6 +57,9 @@ options:
   lan_address:
     description: Node address (CIDR) on the LAN, interface C(eth0) in the node.
     type: str
+  lan_address6:
+    description: The node's IPv6 address (CIDR) on the LAN, on C(eth0) too (BGP over IPv6).
+    type: str
   authorized_key:
     description: SSH public key allowed to log in as root.
     type: str
@@ -119,6 +122,7 @@ def main():
             lan_netns=dict(type="str", default="kln-lan"),
             lan_bridge=dict(type="str", default="lan0"),
             lan_address=dict(type="str"),
+            lan_address6=dict(type="str"),
             authorized_key=dict(type="str", no_log=False),
             boot_timeout=dict(type="int", default=90),
             wait=dict(type="bool", default=True),

@@ -53,6 +53,8 @@ def pin(name):
 
 ALG_RANDOM, ALG_MAGLEV, ALG_WEIGHTED = 0, 1, 2
 SVC_F_AFFINITY = 0x01
+SVC_F_EXTERNAL = 0x02     # answered at the node's edge too (LoadBalancer IP, NodePort): bpf/nodeport.c
+SVC_F_LOCAL = 0x04        # externalTrafficPolicy Local: the edge keeps the client's address (no SNAT)
 PROTOCOLS = {"tcp": 6, "udp": 17}
 PROTO_NAMES = {6: "tcp", 17: "udp"}
 MAX_SERVICE_ID = 65535

@@ -349,6 +349,8 @@ def _svc_diff(rec, cur, new):
     for field in ("algorithm", "affinity_timeout"):
         if getattr(cur, field) != getattr(new, field):
             out[field] = [getattr(cur, field), getattr(new, field)]
+    if cur.flags & ~SVC_F_AFFINITY != new.flags & ~SVC_F_AFFINITY:
+        out["external"] = [cur.flags & ~SVC_F_AFFINITY, new.flags & ~SVC_F_AFFINITY]
     return out
 
 

@@ -20,9 +20,13 @@ import re
 import socket
 
 from ansible_collections.kldload.netstack.plugins.module_utils.lb.layout import (
-    ALG_MAGLEV, ALG_RANDOM, ALG_WEIGHTED, MAX_WEIGHT_TOTAL, PROTOCOLS, SVC_F_AFFINITY)
+    ALG_MAGLEV, ALG_RANDOM, ALG_WEIGHTED, MAX_WEIGHT_TOTAL, PROTOCOLS, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_LOCAL)
 
-SERVICE_KEYS = ("name", "namespace", "vip", "port", "protocol", "algorithm", "affinity_timeout", "backends", "state")
+SERVICE_KEYS = ("name", "namespace", "vip", "port", "protocol", "algorithm", "affinity_timeout", "backends", "state",
+                "external")
+# external: absent - the socket LB only (ClusterIP); "cluster" / "local" - also answered at the node's edge
+# (bpf/nodeport.c: LoadBalancer IPs, NodePorts) with externalTrafficPolicy Cluster (SNAT) / Local (client address kept)
+EXTERNAL = {None: 0, "cluster": SVC_F_EXTERNAL, "local": SVC_F_EXTERNAL | SVC_F_LOCAL}
 BACKEND_KEYS = ("ip", "port", "weight")
 ALGORITHMS = ("random", "maglev")
 _SERVICE_KEYS = frozenset(SERVICE_KEYS)
@@ -40,14 +44,14 @@ _tuple_new = tuple.__new__      # a Backend from its fields without namedtuple's
 
 
 # the service fields of one entry, checked; ``where`` names it in errors
-Head = collections.namedtuple("Head", "where state name namespace key fam vpacked algorithm affinity_timeout")
+Head = collections.namedtuple("Head", "where state name namespace key fam vpacked algorithm affinity_timeout external")
 
 
 class Service:
     """One declared service in canonical form."""
 
     __slots__ = ("key", "fam", "vpacked", "proto", "name", "namespace", "algorithm", "affinity_timeout",
-                 "backends", "cums", "alg", "flags")
+                 "backends", "cums", "alg", "flags", "external")
 
     def __init__(self, head, backends):
         self.key = head.key               # (vip, port, protocol)
@@ -70,7 +74,8 @@ class Service:
             self.alg = ALG_WEIGHTED
         else:
             self.alg = ALG_RANDOM
-        self.flags = SVC_F_AFFINITY if affinity_timeout else 0
+        self.flags = (SVC_F_AFFINITY if affinity_timeout else 0) | EXTERNAL[head.external]
+        self.external = head.external
 
     @property
     def vip(self):
@@ -89,9 +94,12 @@ class Service:
         return "%s/%s" % (self.namespace, self.name)
 
     def as_dict(self):
-        return {"name": self.name, "namespace": self.namespace, "vip": self.key[0], "port": self.key[1],
-                "protocol": self.key[2], "algorithm": self.algorithm, "affinity_timeout": self.affinity_timeout,
-                "backends": [{"ip": b.ip, "port": b.port, "weight": b.weight} for b in self.backends]}
+        out = {"name": self.name, "namespace": self.namespace, "vip": self.key[0], "port": self.key[1],
+               "protocol": self.key[2], "algorithm": self.algorithm, "affinity_timeout": self.affinity_timeout,
+               "backends": [{"ip": b.ip, "port": b.port, "weight": b.weight} for b in self.backends]}
+        if self.external:
+            out["external"] = self.external
+        return out
 
 
 def svc_key(svc):
@@ -241,11 +249,14 @@ def _service_head(svc, i, seen):
     aff = svc.get("affinity_timeout") or 0
     if type(aff) is not int or not 0 <= aff <= 86400 * 365:  # pylint: disable=unidiomatic-typecheck
         aff = _int(aff, where + ".affinity_timeout", 0, 86400 * 365)
+    ext = svc.get("external") or None
+    if ext not in EXTERNAL:
+        raise LbError("%s.external: cluster or local (or absent), got %r" % (where, svc.get("external")))
     key = (vip, port, proto)
     if key in seen:
         raise LbError("%s: duplicate service %s - %s already declares it" % (where, svc_label(key), seen[key]))
     seen[key] = where
-    return Head(where, state, name, ns, key, version, vpacked, alg, aff)
+    return Head(where, state, name, ns, key, version, vpacked, alg, aff, ext)
 
 
 def parse(services, maglev_m):

@@ -99,9 +99,10 @@ def encode(services):
             if text is None:
                 text = seen[id(b)] = '{"ip": %s, "port": %d, "weight": %d}' % (_text(b.ip), b.port, b.weight)
             parts.append(text)
-        fields = (s.affinity_timeout, word(s.algorithm), ", ".join(parts), _text(s.name), word(s.namespace), s.key[1],
+        ext = ' "external": %s,' % word(s.external) if s.external else ""
+        fields = (s.affinity_timeout, word(s.algorithm), ", ".join(parts), ext, _text(s.name), word(s.namespace), s.key[1],
                   word(s.key[2]), _text(s.key[0]))
-        lines.append('{"affinity_timeout": %d, "algorithm": %s, "backends": [%s], "name": %s, "namespace": %s, '
+        lines.append('{"affinity_timeout": %d, "algorithm": %s, "backends": [%s],%s "name": %s, "namespace": %s, '
                      '"port": %d, "protocol": %s, "vip": %s}' % fields)
     return lines
 

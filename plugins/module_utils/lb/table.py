@@ -8,7 +8,7 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 from ansible_collections.kldload.netstack.plugins.module_utils.lb.layout import (
-    ALG_MAGLEV, ALG_WEIGHTED, SVC_F_AFFINITY, packed_ip)
+    ALG_MAGLEV, ALG_WEIGHTED, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_LOCAL, packed_ip)
 from ansible_collections.kldload.netstack.plugins.module_utils.lb.spec import fam_of, svc_label
 
 
@@ -24,6 +24,7 @@ def rows(records, names):
         out.append({"service": svc_label(r.key), "name": names.get(r.key, ""), "id": r.id,
                     "algorithm": "maglev" if r.alg == ALG_MAGLEV else "random", "weighted": r.alg == ALG_WEIGHTED,
                     "affinity_timeout": r.aff if r.flags & SVC_F_AFFINITY else 0, "rev": r.rev,
+                    "external": (None if not r.flags & SVC_F_EXTERNAL else "local" if r.flags & SVC_F_LOCAL else "cluster"),
                     "backends": [{"address": a, "id": bid, "slot": n, "weight": w}
                                  for n, (a, bid, w) in enumerate(r.entries, 1)]})
     return out
@@ -36,6 +37,8 @@ def format_table(table_rows):
         detail = r["algorithm"] + (" weighted" if r["weighted"] else "")
         if r["affinity_timeout"]:
             detail += " affinity=%ds" % r["affinity_timeout"]
+        if r.get("external"):
+            detail += " external(%s)" % r["external"]
         if r["name"]:
             detail += " " + r["name"]
         if not r["backends"]:
