@@ -232,7 +232,7 @@ def main():
         module.fail_json(msg=str(e), plan=steps)
     isolated = _isolated()
     for e in res["endpoints"]:
-        e["ingress_isolated"] = str(e.get("ip") or "").split("/")[0] in isolated
+        e["ingress_isolated"] = str(e.get("ip") or "").split("/", 1)[0] in isolated
     out = dict(changed=res["changed"], endpoints=res["endpoints"], plan=res["plan"])
     if module._diff:
         out["diff"] = dict(before="".join(workloads.describe(e) + "\n" for e in res["before"]),

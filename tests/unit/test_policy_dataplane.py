@@ -161,8 +161,8 @@ class Node:
         self.gdir = os.path.join(root, loader.GLOBALS)
         self.compiled = str(tmp / "compiled.json")
 
-    def apply(self, state, records=RECORDS, check=False):
-        return node.apply(self.gdir, node.validate_state(state), records, PODS, check=check,
+    def apply(self, state, records=None, check=False):
+        return node.apply(self.gdir, node.validate_state(state), records or RECORDS, PODS, check=check,
                           compiled_path=self.compiled, tunnel=True, lock=False)
 
     def run(self, prog, pkt, ifindex=LO, mark=0):
@@ -286,7 +286,7 @@ def test_ipblock_matches_pods_by_address_and_cilium_cidrs_do_not(dp):
     assert dp.run("kln_pol_from_container", tcp(CLIENT, SERVER, 41000, 80))[0] == TCX_NEXT     # .5: in the block
     assert dp.run("kln_pol_from_container", tcp(OTHER, SERVER, 41000, 80))[0] == SHOT          # .7: the except
     cnp_cidr = _cnp("server-from-cidr", {"endpointSelector": {"matchLabels": {"app": "server"}},
-                                          "ingress": [{"fromCIDR": ["10.244.1.0/29", "198.51.100.0/24"]}]})
+                                         "ingress": [{"fromCIDR": ["10.244.1.0/29", "198.51.100.0/24"]}]})
     dp.apply(_state([cnp_cidr]))
     assert dp.run("kln_pol_from_container", tcp(CLIENT, SERVER, 41001, 80))[0] == SHOT         # a pod: not by CIDR
     assert dp.run("kln_pol_to_container", tcp("198.51.100.7", SERVER, 41001, 80))[0] == TCX_NEXT

@@ -205,8 +205,8 @@ def tunnel_entries(nodes):
     out = {}
     for n in nodes:
         net = ipaddress.ip_network(u"%s" % n["pod_cidr"])
-        out[IPC_KEY.pack(net.prefixlen, net.network_address.packed)] = TUN_VALUE.pack(_packed(n["underlay_ip"]),
-                                                                                     n.get("vni") or 0)
+        value = TUN_VALUE.pack(_packed(n["underlay_ip"]), n.get("vni") or 0)
+        out[IPC_KEY.pack(net.prefixlen, net.network_address.packed)] = value
     return out
 
 

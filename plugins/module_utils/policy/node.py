@@ -173,13 +173,13 @@ def cluster_view(state, records, pods, source=None):
     cl = (source or ClusterSource(state)).cluster()
     mine = [record_endpoint(r, me) for r in records if r.get("state", "ready") == "ready"]
     keys = set("%s/%s" % (e["namespace"], e["name"]) for e in mine)
-    addrs = set(ip.split("/")[0] for e in mine for ip in e["ips"])
+    addrs = set(ip.split("/", 1)[0] for e in mine for ip in e["ips"])
     others = [e for e in cl.get("endpoints") or [] if isinstance(e, dict) and e.get("node") != me
               and "%s/%s" % (e.get("namespace") or "default", e.get("name")) not in keys
-              and not addrs & set(str(ip).split("/")[0] for ip in e.get("ips") or [])]
+              and not addrs & set(str(ip).split("/", 1)[0] for ip in e.get("ips") or [])]
     nodes = node_addresses(pods, me)
     node_ips = set(ip for n in nodes for ip in n["ips"])
-    others = [e for e in others if not node_ips & set(str(ip).split("/")[0] for ip in e.get("ips") or [])]
+    others = [e for e in others if not node_ips & set(str(ip).split("/", 1)[0] for ip in e.get("ips") or [])]
     return {"namespaces": cl.get("namespaces") or {}, "endpoints": others + mine, "nodes": nodes,
             "local_node": me, "kube_apiserver": cl.get("kube_apiserver") or []}
 
@@ -319,7 +319,7 @@ def endpoint_policy(globals_dir, which, records, compiled_path=COMPILED_PATH):
     rec = None
     for r in records:
         e = record_endpoint(r, None)
-        ips = [str(ip).split("/")[0] for ip in e["ips"]]
+        ips = [str(ip).split("/", 1)[0] for ip in e["ips"]]
         if which in ("%s/%s" % (e["namespace"], e["name"]), e["name"]) or which in ips \
                 or (len(which) >= 6 and (r.get("container_id") or "").startswith(which)):
             rec = r
@@ -327,7 +327,7 @@ def endpoint_policy(globals_dir, which, records, compiled_path=COMPILED_PATH):
     if rec is None:
         return None
     e = record_endpoint(rec, None)
-    ip = [str(a).split("/")[0] for a in e["ips"] if ":" not in str(a)][0]
+    ip = [str(a).split("/", 1)[0] for a in e["ips"] if ":" not in str(a)][0]
     st = maps.endpoints(globals_dir).get(ip)
     compiled = read_compiled(compiled_path) or {}
     rules = compiled.get("rules") or {}
