@@ -30,6 +30,7 @@ NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 _NAME_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$")
+_IANA_SVC_NAME_RE = re.compile(r"^[-a-z0-9]+$")
 _DNS1123_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -173,3 +174,18 @@ def selector_matches(selector, labels):
         if not ok:
             return False
     return True
+
+
+def iana_svc_name_error(name):
+    """Why ``name`` is not an IANA_SVC_NAME (Kubernetes' port names), or None."""
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty string"
+    if len(name) > 15:
+        return "must be at most 15 characters"
+    if not _IANA_SVC_NAME_RE.match(name):
+        return "must contain only lowercase alphanumerics and '-'"
+    if not re.search(r"[a-z]", name):
+        return "must contain at least one letter"
+    if name.startswith("-") or name.endswith("-") or "--" in name:
+        return "must not begin or end with '-' nor contain '--'"
+    return None

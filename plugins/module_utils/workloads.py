@@ -52,7 +52,6 @@ NAMESPACE_KEYS = ("name", "labels")
 
 _DNS1123_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_IANA_SVC_NAME_RE = re.compile(r"^[-a-z0-9]+$")
 
 
 class WorkloadError(Exception):
@@ -61,21 +60,6 @@ class WorkloadError(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # validation
-
-
-def iana_svc_name_error(name):
-    """Why ``name`` is not an IANA_SVC_NAME (Kubernetes' port names), or None."""
-    if not isinstance(name, str) or not name:
-        return "must be a non-empty string"
-    if len(name) > 15:
-        return "must be at most 15 characters"
-    if not _IANA_SVC_NAME_RE.match(name):
-        return "must contain only lowercase alphanumerics and '-'"
-    if not re.search(r"[a-z]", name):
-        return "must contain at least one letter"
-    if name.startswith("-") or name.endswith("-") or "--" in name:
-        return "must not begin or end with '-' nor contain '--'"
-    return None
 
 
 def _is_int(v):
@@ -135,7 +119,7 @@ def _port(p, w, seen_names, seen_ports):
     out = dict(port=port, protocol=proto)
     name = p.get("name")
     if name is not None and name != "":
-        err = iana_svc_name_error(name)
+        err = labels_mod.iana_svc_name_error(name)
         if err:
             raise ValueError("%s.name: %r is not a valid port name (IANA_SVC_NAME): %s" % (w, name, err))
         if name in seen_names:

@@ -36,8 +36,8 @@ import ipaddress
 import json
 import os
 import socket
-import tempfile
 
+from ansible_collections.kldload.netstack.plugins.module_utils import units
 from ansible_collections.kldload.netstack.plugins.module_utils.policy import compile as _compile
 from ansible_collections.kldload.netstack.plugins.module_utils.policy import maps, parse
 from ansible_collections.kldload.netstack.plugins.module_utils.policy.parse import PolicyError
@@ -114,19 +114,7 @@ def state_text(state):
 
 
 def write_json(path, doc, mode=0o644):
-    d = os.path.dirname(path)
-    if not os.path.isdir(d):
-        os.makedirs(d, 0o755)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(doc if isinstance(doc, str) else json.dumps(doc, sort_keys=True))
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    units.write(path, doc if isinstance(doc, str) else json.dumps(doc, sort_keys=True), mode)
 
 
 class ClusterSource:

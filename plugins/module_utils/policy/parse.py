@@ -77,7 +77,6 @@ IPV6_NOT_ENFORCED = "IPv6 is not enforced by this dataplane yet (IPv4 only)"
 
 _DNS1123_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_IANA_RE = re.compile(r"^[-a-z0-9]+$")
 _IPV4_CIDR_RE = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$")
 _IPV4_RE = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$")
 
@@ -218,18 +217,8 @@ def _join(path, key):
 
 
 def iana_name_error(name):
-    """Why ``name`` is not an IANA service name (a Kubernetes port name), or None."""
-    if not isinstance(name, str) or not name:
-        return "must be a non-empty string"
-    if len(name) > 15:
-        return "must be at most 15 characters"
-    if not _IANA_RE.match(name):
-        return "must contain only lowercase alphanumerics and '-'"
-    if not re.search(r"[a-z]", name):
-        return "must contain at least one letter"
-    if name.startswith("-") or name.endswith("-") or "--" in name:
-        return "must not begin or end with '-' nor contain '--'"
-    return None
+    """Why ``name`` is not an IANA service name (a Kubernetes port name), or None (labels.py has the rule)."""
+    return _labels.iana_svc_name_error(name)
 
 
 class _Ctx(object):
