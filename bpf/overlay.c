@@ -46,6 +46,8 @@ int kln_to_overlay(struct __sk_buff *skb)
 	t = tunnel_of(p.daddr);
 	if (!t) {
 		pol_count(0, DROP_NO_TUNNEL_ENDPOINT, CT_EGRESS, p.len);
+		flow_packet(flow_config(), 1, FLOW_SRC_TO_OVERLAY, p.ifindex, -1, DROP_NO_TUNNEL_ENDPOINT, 0, 0, p.saddr,
+			    p.daddr, p.sport, p.dport, p.protocol, p.tcp_flags, p.len, 0, 0);
 		return TC_ACT_SHOT;
 	}
 	vni = t->vni;

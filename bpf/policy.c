@@ -28,9 +28,12 @@ int kln_pol_from_container(struct __sk_buff *skb)
 		return TCX_NEXT;
 	if (rc < 0)
 		return TC_ACT_SHOT;
+	p.source = FLOW_SRC_FROM_ENDPOINT;
 	ep = pol_endpoint(p.saddr);
 	if (!ep || ep->ifindex != skb->ifindex) {
 		pol_count(p.saddr, DROP_INVALID_SIP, CT_EGRESS, p.len);
+		flow_packet(flow_config(), 1, p.source, p.ifindex, CT_EGRESS, DROP_INVALID_SIP, 0, 0, p.saddr, p.daddr,
+			    p.sport, p.dport, p.protocol, p.tcp_flags, p.len, 0, 0);
 		return TC_ACT_SHOT;
 	}
 	if (p.frag)
@@ -63,6 +66,7 @@ int kln_pol_to_container(struct __sk_buff *skb)
 		return TCX_NEXT;
 	if (rc < 0)
 		return TC_ACT_SHOT;
+	p.source = FLOW_SRC_TO_ENDPOINT;
 	dep = pol_endpoint(p.daddr);
 	if (!dep || p.frag)
 		return TCX_NEXT;
@@ -87,6 +91,7 @@ int kln_pol_from_netdev(struct __sk_buff *skb)
 
 	if (pol_parse(skb, &p) != 0 || p.frag)
 		return TCX_NEXT;
+	p.source = FLOW_SRC_FROM_NETWORK;
 	dep = pol_endpoint(p.daddr);
 	if (dep && pol_deliver(skb, &p, dep, ipcache_identity(p.saddr, cidr_identity(p.saddr))))
 		return TC_ACT_SHOT;

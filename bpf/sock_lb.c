@@ -20,6 +20,7 @@
 #include "lib/lb_structs.h"
 #include "lib/lb_maps.h"
 #include "lib/lb.h"
+#include "lib/flow.h"
 
 static __always_inline int ctx_ip6_is_v4mapped(const struct bpf_sock_addr *ctx)
 {
@@ -41,11 +42,14 @@ static __always_inline int sock4_fwd(struct bpf_sock_addr *ctx)
 	ret = lb4_fwd(ctx, vip, vport, (__u8)ctx->protocol, &cookie, &be, &sid);
 	if (ret == LB_PASS)
 		return SYS_PROCEED;
-	if (ret == LB_REJECT)
+	if (ret == LB_REJECT) {
+		flow_sock(ctx, DROP_NO_SERVICE, vip, vport, 0, 0, 0);
 		return SYS_REJECT;
+	}
 	ctx->user_ip4 = be.address;
 	ctx->user_port = (__u32)be.port;
 	lb4_revnat_put(cookie, &be, vip, vport, sid);
+	flow_sock(ctx, 0, vip, vport, be.address, be.port, sid);
 	return SYS_PROCEED;
 }
 
@@ -102,11 +106,14 @@ static __always_inline int sock6_fwd(struct bpf_sock_addr *ctx)
 		ret = lb4_fwd(ctx, vip4, vport, proto, &cookie, &be4, &sid);
 		if (ret == LB_PASS)
 			return SYS_PROCEED;
-		if (ret == LB_REJECT)
+		if (ret == LB_REJECT) {
+			flow_sock(ctx, DROP_NO_SERVICE, vip4, vport, 0, 0, 0);
 			return SYS_REJECT;
+		}
 		ctx->user_ip6[3] = be4.address;
 		ctx->user_port = (__u32)be4.port;
 		lb4_revnat_put(cookie, &be4, vip4, vport, sid);
+		flow_sock(ctx, 0, vip4, vport, be4.address, be4.port, sid);
 		return SYS_PROCEED;
 	} else {
 		__be32 vip[4];

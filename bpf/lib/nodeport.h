@@ -23,6 +23,7 @@
 #include "common.h"
 #include "lb.h"
 #include "nodeport_structs.h"
+#include "flow.h"
 #include <linux/if_ether.h>
 #include <linux/ip.h>
 #include <linux/tcp.h>
@@ -411,10 +412,11 @@ static __always_inline int ns_from_netdev(struct __sk_buff *skb)
 	m = *svc;
 	if (!(m.flags & LB_SVC_F_EXTERNAL))
 		return TCX_NEXT;                         /* a ClusterIP: the socket LB's, not the edge's */
-	if (!m.count)
+	if (!m.count || ns_pick(&key, &m, &k, &id, &be)) {
+		flow_xlate(flow_config(), FLOW_SRC_FROM_NETWORK, skb->ifindex, DROP_NO_SERVICE, k.saddr, k.sport, k.daddr,
+			   k.dport, 0, 0, k.proto, ns_tcp_flags(skb, &k), skb->len, m.service_id, 0);
 		return ns_unreachable(skb);
-	if (ns_pick(&key, &m, &k, &id, &be))
-		return ns_unreachable(skb);
+	}
 	rev.flags = NS_CT_REV;
 	rev.addr1 = k.daddr;
 	rev.port1 = k.dport;
@@ -426,8 +428,12 @@ static __always_inline int ns_from_netdev(struct __sk_buff *skb)
 	sport = k.sport;
 	if (!(m.flags & LB_SVC_F_LOCAL)) {
 		sport = ns_snat_port(cfg, &k, &be, &rev);
-		if (!sport)
-			return TC_ACT_SHOT;              /* no SNAT port free: the client retries */
+		if (!sport) {                            /* no SNAT port free: the client retries */
+			flow_xlate(flow_config(), FLOW_SRC_FROM_NETWORK, skb->ifindex, DROP_NAT_NO_MAPPING, k.saddr, k.sport,
+				   k.daddr, k.dport, be.address, be.port, k.proto, ns_tcp_flags(skb, &k), skb->len,
+				   m.service_id, 0);
+			return TC_ACT_SHOT;
+		}
 		saddr = cfg->node_ip;
 	} else {
 		rk.saddr = be.address;
@@ -445,6 +451,8 @@ static __always_inline int ns_from_netdev(struct __sk_buff *skb)
 	fwd.backend_id = id;
 	fwd.last_seen = rev.last_seen;
 	bpf_map_update_elem(&kln_ns_ct4, &k, &fwd, BPF_ANY);
+	flow_xlate(flow_config(), FLOW_SRC_FROM_NETWORK, skb->ifindex, 0, k.saddr, k.sport, k.daddr, k.dport, be.address,
+		   be.port, k.proto, ns_tcp_flags(skb, &k), skb->len, m.service_id, 0);
 	rc = ns_rewrite(skb, &k, saddr, sport, be.address, be.port);
 	if (rc < 0)
 		return TC_ACT_SHOT;

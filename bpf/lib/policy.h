@@ -29,6 +29,7 @@
 
 #include "common.h"
 #include "policy_structs.h"
+#include "flow.h"
 #include <linux/if_ether.h>
 #include <linux/ip.h>
 #include <linux/pkt_cls.h>
@@ -141,7 +142,9 @@ struct pol_pkt {
 	__be16 isport;
 	__be16 idport;
 	__u8 iprotocol;
-	__u8 pad[3];
+	__u8 source;		/* FLOW_SRC_* of the program judging it (flow events) */
+	__u8 pad[2];
+	__u32 ifindex;		/* where it was seen (flow events) */
 };
 
 /* Ports of a transport header at ``off`` (or the echo id of an ICMP echo), with the TCP flags when
@@ -198,6 +201,7 @@ static __always_inline int pol_parse(struct __sk_buff *skb, struct pol_pkt *p)
 	p->daddr = ip.daddr;
 	p->protocol = ip.protocol;
 	p->len = skb->len;
+	p->ifindex = skb->ifindex;
 	if (ip.frag_off & bpf_htons(0x1fff)) {
 		p->frag = 1;
 		return 0;
@@ -332,7 +336,7 @@ static __always_inline int pol_verdict(const struct pol_ep *ep, __be32 ep_addr, 
 	__u8 dirgen = (dir == CT_EGRESS ? 1 : 0) | ((ep->flags & POL_EP_GEN) ? 2 : 0);
 	struct pol_entry *e;
 	__u32 ids[3] = { peer_id, addr_id | ID_BY_ADDRESS, ID_UNKNOWN };
-	__u32 found = 0, deny = 0, first = 0;
+	__u32 found = 0, deny = 0, first = 0, deny_rule = 0;
 	int i;
 
 #pragma unroll
@@ -340,14 +344,18 @@ static __always_inline int pol_verdict(const struct pol_ep *ep, __be32 ep_addr, 
 		e = pol_find(ep_addr, ids[i], dirgen, p);
 		if (!e)
 			continue;
-		if (e->flags & POL_DENY)
+		if ((e->flags & POL_DENY) && !deny) {
 			deny = 1;
+			deny_rule = e->rule;
+		}
 		if (!found)
 			first = e->rule;
 		found = 1;
 	}
-	if (deny)
+	if (deny) {
+		*rule = deny_rule;		/* which rule denied it (flow events); the verdict is the deny */
 		return DROP_POLICY_DENY;
+	}
 	if (found) {
 		*rule = first;
 		return 0;
@@ -379,7 +387,11 @@ static __always_inline int pol_check(const struct pol_pkt *p, const struct pol_e
 	struct ct_entry *e = NULL;
 	int ct = ct_lookup(p, dir, now, &e);
 	int rc = 0;
+	const struct flow_config *fc = flow_config();
+	int report = flow_ct_report(fc, (ct == CT_ESTABLISHED || ct == CT_REPLY) ? e : NULL, ct == CT_REPLY, p->tcp_flags);
 
+	if (ct == CT_ESTABLISHED || ct == CT_REPLY)
+		rule = e->rule;
 	if (ct == CT_REPLY) {
 		ct_refresh(e, p, 1, now);
 		goto out;
@@ -398,6 +410,11 @@ static __always_inline int pol_check(const struct pol_pkt *p, const struct pol_e
 		ct_create(p, dir, rule, now);
 out:
 	pol_count(ep_addr, rc, dir, p->len);
+	flow_packet(fc, report, p->source, p->ifindex, dir, rc, rule,
+		    FLOW_F_POLICY | (ct == CT_REPLY ? FLOW_F_REPLY : 0) |
+		    ((ep->flags & (dir == CT_EGRESS ? POL_EP_EGRESS : POL_EP_INGRESS)) ? FLOW_F_ENFORCED : 0),
+		    p->saddr, p->daddr, p->sport, p->dport, p->protocol, p->tcp_flags, p->len,
+		    dir == CT_EGRESS ? ep->identity : peer_id, dir == CT_EGRESS ? peer_id : ep->identity);
 	return rc;
 }
 
