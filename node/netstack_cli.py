@@ -20,10 +20,13 @@
   netstack policy get ENDPOINT [--json]
                                        one pod's policy entries and verdict counters (like cilium bpf policy get);
                                        ENDPOINT is namespace/name, a container id or the pod's address
+  netstack observe [FILTERS] [--last N] [--follow] [-o compact|json] [--agent ADDRESS:PORT ... | --inventory FILE]
+                                       flows like hubble observe: this node's agent, or (on the controller) every
+                                       node's agent of an inventory merged like Hubble Relay (docs/observability.md)
+  netstack agent                       the flow agent (netstack-agent.service): reads the eBPF programs' flow
+                                       events, serves flows and Prometheus metrics on config.agent.listen
 
-Product commands only. Later capabilities add their group here (bgp, observe) and
-a long-running node agent (`netstack agent`, flow events and endpoint watch) will be one more
-command of this unit, reading the same node configuration. Configuration:
+Product commands only. Configuration:
 /etc/kldload-netstack/dataplane.json (NETSTACK_CONFIG overrides), written by the node_dataplane module.
 
 Run under the name netstack-cni (the symlink /usr/lib/cni/netstack-cni), this command is the CNI
@@ -138,6 +141,81 @@ def cmd_lb_flows(args):
         print("%-6s %-8s %-44s %s" % (r["proto"], r["direction"], r["packet"], r["translated"]))
 
 
+def cmd_agent(_args):
+    import signal
+    from ansible_collections.kldload.netstack.plugins.module_utils.flows import agent as fagent
+    from ansible_collections.kldload.netstack.plugins.module_utils.flows import config as fconfig
+    cfg = _config()
+    section = cfg.get("agent")
+    if not section or not section["enabled"]:
+        sys.exit("netstack agent: the node configuration has no enabled agent section (config.agent)")
+    fconfig.check_listen(section["listen"])
+    ag = fagent.Agent(runtime.globals_dir(cfg), section, cfg)
+    srv = fagent.serve(ag, section["listen"])
+    signal.signal(signal.SIGTERM, lambda *_a: ag.stop.set())
+    signal.signal(signal.SIGINT, lambda *_a: ag.stop.set())
+    print("netstack agent: node %s, serving flows and metrics on %s (buffer %d flows%s)"
+          % (ag.node_name, section["listen"], section["buffer"],
+             ", export %s" % section["export"]["path"] if section["export"] else ""), flush=True)
+    try:
+        ag.run()
+    finally:
+        srv.shutdown()
+
+
+FILTER_FLAGS = (("namespace", "a namespace (either end)"), ("pod", "[namespace/]pod-name prefix (either end)"),
+                ("from-pod", "source pod"), ("to-pod", "destination pod"),
+                ("label", "key=value[,key=value] (either end)"), ("identity", "security identity (either end)"),
+                ("verdict", "FORWARDED, DROPPED, TRANSLATED, ..."), ("drop-reason", "POLICY_DENIED, ... or a code"),
+                ("protocol", "tcp, udp, icmp, sctp"), ("port", "L4 port (either end)"),
+                ("ip", "address or CIDR (either end)"), ("from-ip", "source address or CIDR"),
+                ("to-ip", "destination address or CIDR"), ("node", "node name"))
+
+
+def cmd_observe(args):
+    from ansible_collections.kldload.netstack.plugins.module_utils.flows import relay
+    values = dict((name.replace("-", "_"), getattr(args, name.replace("-", "_"))) for name, _h in FILTER_FLAGS)
+    values.update(since=args.since, last=args.last, follow=args.follow)
+    flt = relay.parse_cli(values)                     # a bad filter is an error before any agent is asked
+    if args.agent:
+        agents = dict((a, a) for a in args.agent)
+    elif args.inventory:
+        agents = relay.agents_from_inventory(args.inventory, args.group, args.agent_port)
+    else:
+        cfg = _config()
+        if not cfg.get("agent") or not cfg["agent"]["enabled"]:
+            sys.exit("netstack observe: no flow agent on this node (the node configuration has no enabled agent "
+                     "section); on the controller, name the agents with --inventory or --agent")
+        agents = {"local": cfg["agent"]["listen"]}
+    try:
+        rl = relay.Relay(agents)
+        unknown = rl.unknown_pods(flt)
+        if unknown:
+            print("netstack observe: no pod %s on the nodes asked (%s): no flows to show for it"
+                  % (", ".join(unknown), ", ".join(sorted(agents))), file=sys.stderr)
+        n = [0]
+
+        def emit(obj):
+            print(relay.render(obj, args.output), flush=bool(args.follow))
+            n[0] += 1
+        if args.follow:
+            try:
+                rl.follow(flt, emit)
+            except KeyboardInterrupt:
+                pass
+        else:
+            for obj in rl.flows(flt):
+                emit(obj)
+        for name, err in sorted(rl.unavailable.items()):
+            print("netstack observe: node unavailable: %s (%s): %s" % (name, agents[name], err), file=sys.stderr)
+        if not n[0] and not unknown:
+            print("netstack observe: no flows match", file=sys.stderr)
+    except BrokenPipeError:
+        sys.stderr.close()
+    except relay.RelayError as e:
+        sys.exit("netstack observe: %s" % e)
+
+
 def cmd_restore(_args):
     t0 = time.time()
     res = runtime.apply(_config())
@@ -218,6 +296,20 @@ def main(argv=None):
     p = p_enc.add_parser("restore", help="apply the saved WireGuard configuration again (boot)")
     p.add_argument("--interface", default=wireguard.DEFAULT_INTERFACE)
     p.set_defaults(fn=cmd_encrypt_restore)
+    p = sub.add_parser("observe", help="flows like hubble observe (this node, or every node from the controller)")
+    for name, helptext in FILTER_FLAGS:
+        p.add_argument("--" + name, action="append", metavar=name.split("-")[-1].upper(), help=helptext)
+    p.add_argument("--since", help="a duration back (30s, 5m, 2h) or a time (2024-05-01T10:00:00Z)")
+    p.add_argument("--last", help="the last N flows (over all nodes asked)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing flows as they come")
+    p.add_argument("-o", "--output", choices=["compact", "json"], default="compact",
+                   help="compact: one line per flow; json: Hubble's flow JSON, one object a line")
+    p.add_argument("--agent", action="append", metavar="ADDRESS:PORT", help="an agent to ask (repeat for more)")
+    p.add_argument("--inventory", metavar="FILE", help="ask the agent of every host of --group in this inventory")
+    p.add_argument("--group", default="kube_nodes", help="the inventory group (default kube_nodes)")
+    p.add_argument("--agent-port", type=int, help="the agents' port when the inventory does not say (default 4245)")
+    p.set_defaults(fn=cmd_observe)
+    sub.add_parser("agent", help="the flow agent (what netstack-agent.service runs)").set_defaults(fn=cmd_agent)
     args = ap.parse_args(argv)
     try:
         args.fn(args)

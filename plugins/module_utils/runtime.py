@@ -37,8 +37,12 @@ owns; the routes to the other nodes' pod CIDRs come from ``pods`` (one routes.sy
 ``bundle`` is the node unit the dataplane role installs (``make node``): the node command and its
 library as one zipapp, with every eBPF object and its manifest inside (``netstack_objects/``); the
 objects are unpacked from it into a private directory for each apply. ``maps`` sizes maps by name,
-whichever object declares them. ``targets.cgroup`` null means the node's cgroup2 mount (detected, never assumed). A node agent
-(flow events, endpoint watch) will read the same file; its section will be ``agent``.
+whichever object declares them. ``targets.cgroup`` null means the node's cgroup2 mount (detected, never assumed).
+
+``agent`` (flows/config.py; null or absent: none) is the flow agent: the events the eBPF programs emit
+(``kln_flow_config``: on or off, aggregation, drop rate) and the node agent's unit (netstack-agent.service:
+``netstack agent``, which reads this same file), with the address it serves flows and metrics on - one of this
+node's, checked before anything is touched.
 No Ansible imports.
 """
 
@@ -56,6 +60,9 @@ import zipfile
 
 from ansible_collections.kldload.netstack.plugins.module_utils import cni, hostroute, lb, loader, podnet, release, routes, units
 from ansible_collections.kldload.netstack.plugins.module_utils import nodeport
+from ansible_collections.kldload.netstack.plugins.module_utils.flows import config as flows_config
+from ansible_collections.kldload.netstack.plugins.module_utils.flows import events as flows_events
+from ansible_collections.kldload.netstack.plugins.module_utils.flows import service as flows_service
 from ansible_collections.kldload.netstack.plugins.module_utils import manifest as mf
 from ansible_collections.kldload.netstack.plugins.module_utils.policy import maps as policy_maps
 from ansible_collections.kldload.netstack.plugins.module_utils.policy import node as policy_node
@@ -68,7 +75,7 @@ BUNDLE_OBJECTS = "netstack_objects/"
 RESTORE_UNIT = "netstack-dataplane.service"
 STATE_FILE = "/var/lib/kldload-netstack/lb/services.json"
 SCHEMA = 1
-_TOP_KEYS = ("schema", "pin_path", "bundle", "objects", "maps", "lb", "routes", "pods", "nodeport")
+_TOP_KEYS = ("schema", "pin_path", "bundle", "objects", "maps", "lb", "routes", "pods", "nodeport", "agent")
 _OBJ_KEYS = ("name", "targets")
 _TARGET_KEYS = ("cgroup", "families", "devices", "xdp_mode")
 _LB_KEYS = ("maglev_table_size", "state_file", "destroy_udp_sockets")
@@ -83,7 +90,7 @@ def default_config():
             "objects": [{"name": "sock_lb", "targets": {"cgroup": None, "families": [4, 6], "devices": []}}],
             "maps": {},
             "lb": {"maglev_table_size": lb.DEFAULT_MAGLEV_M, "state_file": STATE_FILE, "destroy_udp_sockets": True},
-            "routes": [], "pods": None, "nodeport": None}
+            "routes": [], "pods": None, "nodeport": None, "agent": None}
 
 
 def _keys(d, known, where):
@@ -163,7 +170,16 @@ def validate(cfg):
     _check_host_routing(out)
     _check_policy(out)
     _check_nodeport(cfg, out)
+    _check_agent(cfg, out)
     return out
+
+
+def _check_agent(cfg, out):
+    """The flow agent's section (flows/config.py)."""
+    try:
+        out["agent"] = flows_config.normalize(cfg.get("agent"))
+    except flows_config.AgentConfigError as e:
+        raise ConfigError(str(e))
 
 
 def _check_policy(cfg):
@@ -334,6 +350,7 @@ def apply(cfg, services=None, check=False, config_path=None, module=None, restor
     table = services if services is not None else lb.load_state(cfg["lb"]["state_file"])
     lb.normalize(table, cfg["lb"]["maglev_table_size"])        # every service checked before anything is touched
     _pods_preflight(cfg, module, check)                        # the underlay the pod network needs, likewise
+    _agent_preflight(cfg)                                      # the agent's address is one of the node's, likewise
     text = config_text(cfg)
     before_text = units.read(config_path) if config_path else None
     res = {"config": {"changed": config_path is not None and before_text != text, "path": config_path,
@@ -359,11 +376,13 @@ def apply(cfg, services=None, check=False, config_path=None, module=None, restor
     res["nodeport"] = _nodeport(cfg, check)
     if res["config"]["changed"] and not check:
         units.write(config_path, text)
+    res["agent"] = _agent(cfg, check, module, restore_unit, config_path, before_text)   # reads the file written
     res["unit"] = units.ensure_unit(RESTORE_UNIT, restore_unit_text(cfg, config_path), "multi-user.target", check=check,
                                     module=module) if restore_unit else []
     res["changed"] = bool(res["config"]["changed"] or res["dataplane"]["changed"] or res["lb"]["changed"]
                           or res["routes"] or res["pods"]["changed"] or res["endpoints"] or res["host_routing"]
-                          or res["policy"]["changed"] or res["tunnel"] or res["nodeport"] or res["unit"])
+                          or res["policy"]["changed"] or res["tunnel"] or res["nodeport"] or res["unit"]
+                          or res["agent"])
     return res
 
 
@@ -472,6 +491,36 @@ def _nodeport(cfg, check):
         raise ConfigError("config.nodeport: cannot write the edge load balancer's settings: %s" % (e,))
 
 
+def _agent_preflight(cfg):
+    if cfg["agent"] and cfg["agent"]["enabled"]:
+        try:
+            flows_config.check_listen(cfg["agent"]["listen"])
+        except flows_config.AgentConfigError as e:
+            raise ConfigError(str(e))
+
+
+def _agent(cfg, check, module, manage_unit, config_path, before_text):
+    """Flow events on or off in the kernel (kln_flow_config) and, with ``manage_unit`` (the module's apply, not the
+    boot-time restore: at boot the enabled unit starts by itself, after the restore), the agent's unit running with
+    this configuration: the changes as text."""
+    section = cfg["agent"] if cfg["agent"] and cfg["agent"]["enabled"] else None
+    try:
+        changes = flows_events.sync_config(globals_dir(cfg), flows_config.kernel(section), check=check)
+    except OSError as e:
+        raise ConfigError("config.agent: cannot write kln_flow_config: %s" % (e,))
+    if not manage_unit:
+        return changes
+    if section is None:
+        return changes + flows_service.remove(check=check, module=module)
+    try:
+        before = json.loads(before_text).get("agent") if before_text else None
+    except ValueError:
+        before = None
+    text = flows_service.unit_text(cfg["bundle"], config_path or CONFIG_PATH, CONFIG_PATH,
+                                   loader.file_sha256(cfg["bundle"]) if os.path.isfile(cfg["bundle"]) else None)
+    return changes + flows_service.ensure(text, restart=before != cfg["agent"], check=check, module=module)
+
+
 def _pods_preflight(cfg, module, check=False):
     try:
         podnet.preflight(cfg["pods"], module, check)
@@ -512,6 +561,8 @@ def remove(cfg, check=False, config_path=None, module=None, restore_unit=False):
     journal, the configuration file."""
     cfg = validate(cfg)
     unit = units.remove_unit(RESTORE_UNIT, "multi-user.target", check=check, module=module) if restore_unit else []
+    if restore_unit:
+        unit += flows_service.remove(check=check, module=module)
     pods = podnet.remove(cfg["pods"], [], check=check, module=module)
     res = {"dataplane": loader.ensure(cfg["pin_path"], [], state="absent", check=check, prune=True, module=module),
            "routes": pods["routes"], "pods": pods, "files": [], "unit": unit}

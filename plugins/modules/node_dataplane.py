@@ -273,6 +273,59 @@ options:
         description: Highest SNAT source port.
         type: int
         default: 65535
+  agent:
+    description:
+      - The flow agent (version_added 0.5.0, docs/observability.md) - flow events from the eBPF programs (the map
+        C(kln_flow_config) set on or off on every apply) and the unit C(netstack-agent.service) running
+        C(netstack agent), which reads them, keeps the recent flows in memory and serves them and Prometheus metrics
+        on O(agent.listen). Omitted or O(agent.enabled=false) - events off and the unit removed.
+      - The unit is started when it does not run and restarted when this section or the installed bundle changed.
+    type: dict
+    suboptions:
+      enabled:
+        description: Events on and the agent running.
+        type: bool
+        default: true
+      listen:
+        description:
+          - C(ADDRESS:PORT) the agent serves on (C([v6]:PORT) for IPv6) - one address of this node, its management
+            address (checked before anything is touched); V(0.0.0.0) and V(::) are refused. Required when enabled.
+        type: str
+      node_name:
+        description: The node name flows carry (default the host name).
+        type: str
+      buffer:
+        description: Flows kept in the agent's memory (a ring, the oldest go first), 16-1000000.
+        type: int
+        default: 4096
+      aggregation:
+        description:
+          - What the programs report, like Cilium's C(monitorAggregation) - V(none) every packet, V(medium) a
+            connection's first packet per direction and TCP flag changes, V(maximum) fewer (only SYN, FIN, RST
+            changes). Drops are always reported, at most O(agent.drop_rate) per second per reason and CPU.
+        type: str
+        choices: [none, medium, maximum]
+        default: medium
+      drop_rate:
+        description: Drop events per second per drop reason and CPU (V(0) - no limit).
+        type: int
+        default: 100
+      export:
+        description: Every flow also written as a JSON line (Hubble's flow JSON) to a file rotated by size.
+        type: dict
+        suboptions:
+          path:
+            description: The file (absolute).
+            type: path
+            required: true
+          max_bytes:
+            description: Rotate when the file would pass this size.
+            type: int
+            default: 10485760
+          keep:
+            description: Rotated files kept (C(path.1) ... C(path.<keep>)).
+            type: int
+            default: 3
   config_path:
     description: Where the node configuration is written (read back by C(netstack) on the node).
     type: path
@@ -395,6 +448,12 @@ policy:
   sample:
     changes: ["kln_ipcache4: add 10.244.11.2/32 -> identity 4711"]
     diff: ["demo/web-1: new endpoint, identity 4711 (k8s:app=web,k8s:io.kubernetes.pod.namespace=demo)"]
+agent:
+  description: Changes to the flow events' configuration and the agent's unit (written, enabled, started, restarted, removed).
+  returned: success
+  type: list
+  elements: str
+  version_added: 0.5.0
 unit:
   description: Changes to the restore unit (written, enabled, removed).
   returned: always
@@ -430,7 +489,7 @@ def _config(p):
             "maps": p["maps"],
             "lb": {"maglev_table_size": p["maglev_table_size"], "state_file": p["state_file"],
                    "destroy_udp_sockets": p["destroy_udp_sockets"]},
-            "routes": p["routes"], "pods": p["pods"], "nodeport": p["nodeport"]}
+            "routes": p["routes"], "pods": p["pods"], "nodeport": p["nodeport"], "agent": p["agent"]}
 
 
 def main():
@@ -486,6 +545,19 @@ def main():
             snat_port_min=dict(type="int", default=61000),
             snat_port_max=dict(type="int", default=65535),
         )),
+        agent=dict(type="dict", options=dict(
+            enabled=dict(type="bool", default=True),
+            listen=dict(type="str"),
+            node_name=dict(type="str"),
+            buffer=dict(type="int", default=4096),
+            aggregation=dict(type="str", choices=["none", "medium", "maximum"], default="medium"),
+            drop_rate=dict(type="int", default=100),
+            export=dict(type="dict", options=dict(
+                path=dict(type="path", required=True),
+                max_bytes=dict(type="int", default=10485760),
+                keep=dict(type="int", default=3),
+            )),
+        )),
         config_path=dict(type="path", default=runtime.CONFIG_PATH),
         state=dict(type="str", choices=["present", "absent"], default="present"),
     )
@@ -516,7 +588,7 @@ def main():
                      "host_routing": res.get("host_routing", []), "endpoints": res.get("endpoints", []),
                      "tunnel": res.get("tunnel", [])},
                policy={"changes": res.get("policy", {}).get("changes", []), "diff": res.get("policy", {}).get("diff", [])},
-               nodeport=res.get("nodeport", []))
+               nodeport=res.get("nodeport", []), agent=res.get("agent", []))
     if p["state"] == "present":
         d = res["lb"]["diff"]
         out.update(services=res["lb"]["services"], added=d["added"], removed=d["removed"], service_changes=d["changed"],
@@ -552,6 +624,7 @@ def _diff(res, state):
     after += ["tunnel: %s" % c for c in res.get("tunnel", [])]
     after += ["policy: %s" % c for c in res.get("policy", {}).get("diff", []) + res.get("policy", {}).get("changes", [])]
     after += ["%s" % c for c in res.get("nodeport", [])]
+    after += ["agent: %s" % c for c in res.get("agent", [])]
     after += ["unit: %s" % u for u in res["unit"]]
     return {"before": "\n".join(before) + "\n", "after": "\n".join(after) + "\n"}
 

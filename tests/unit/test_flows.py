@@ -320,3 +320,134 @@ def test_the_agent_serves_flows_follow_and_metrics_over_http(flows_dp):
     finally:
         ag.stop.set()
         srv.shutdown()
+
+
+# ---- the relay (netstack observe over several agents) -------------------------------------------------------
+
+def _resp(node, t, pod, verdict="FORWARDED"):
+    drop = verdict == "DROPPED"
+    flow = hubble.make_flow(events.decode(events.encode(_event(verdict=2 if drop else 1, reason=133 if drop else 0,
+                                                                saddr=tp.CLIENT if pod == "client" else tp.OTHER))),
+                            FakeEnricher(), node, t)
+    return flow
+
+
+@pytest.fixture
+def two_agents():
+    """Two real agents' HTTP servers (agent.serve) over canned rings: n1 and n2."""
+    servers = []
+    agents = {}
+    for node, times in (("n1", (10.0, 30.0, 50.0)), ("n2", (20.0, 40.0))):
+        section = fconfig.normalize({"listen": "127.0.0.1:4245", "buffer": 100, "node_name": node})
+        ag = fagent.Agent("/nonexistent", section, enricher=FakeEnricher())
+        for i, t in enumerate(times):
+            ag.ring.append(_resp(node, 1714557600.0 + t, "client" if i % 2 == 0 else "other",
+                                 "DROPPED" if i % 2 else "FORWARDED"))
+            ag.seq += 1
+        srv = fagent.serve(ag, "127.0.0.1:0")
+        servers.append((ag, srv))
+        agents[node] = "127.0.0.1:%d" % srv.server_address[1]
+    yield agents, servers
+    for ag, srv in servers:
+        ag.stop.set()
+        srv.shutdown()
+
+
+def test_the_relay_merges_agents_in_time_order_and_applies_last_to_the_whole(two_agents):
+    from ansible_collections.kldload.netstack.plugins.module_utils.flows import relay
+    agents, _servers = two_agents
+    rl = relay.Relay(agents)
+    got = rl.flows({})
+    assert [(r["node_name"], r["flow"]["time"][17:19]) for r in got] == \
+        [("n1", "10"), ("n2", "20"), ("n1", "30"), ("n2", "40"), ("n1", "50")]
+    assert [r["node_name"] for r in rl.flows({"last": 2})] == ["n2", "n1"]
+    dropped = rl.flows(relay.parse_cli({"verdict": ["DROPPED"]}))
+    assert [(r["node_name"], r["flow"]["source"]["pod_name"]) for r in dropped] == [("n1", "other"), ("n2", "other")]
+    assert rl.unknown_pods({"pod": ["demo/nope"]}) == ["demo/nope"]          # the fakes know no pods (/pods)
+    assert relay.render(got[0], "json").startswith('{"flow": ')
+    assert "-> demo/server:8080" in relay.render(got[0], "compact")
+    assert relay.render({"lost_events": {"source": "HUBBLE_RING_BUFFER", "num_events_lost": 3, "node_name": "n1"}},
+                        "compact") == "EVENTS LOST: HUBBLE_RING_BUFFER 3 (node n1)"
+
+
+def test_the_relay_reports_an_unavailable_node_and_refused_filters(two_agents):
+    from ansible_collections.kldload.netstack.plugins.module_utils.flows import relay
+    agents, _servers = two_agents
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = "127.0.0.1:%d" % s.getsockname()[1]
+    s.close()
+    rl = relay.Relay(dict(agents, n3=dead), timeout=3)
+    assert len(rl.flows({})) == 5 and list(rl.unavailable) == ["n3"]
+    with pytest.raises(relay.RelayError, match="no agent answered"):
+        relay.Relay({"n3": dead}, timeout=3).flows({})
+    with pytest.raises(relay.RelayError, match="unknown verdict NOPE"):
+        relay.Relay(agents)._gather("/flows", [("verdict", "NOPE")])
+    with pytest.raises(hubble.FilterError, match="--port: '0' is not a port"):
+        relay.parse_cli({"port": ["0"], "verdict": None, "follow": False})
+
+
+def test_the_relay_follows_every_agent(two_agents):
+    from ansible_collections.kldload.netstack.plugins.module_utils.flows import relay
+    agents, servers = two_agents
+    rl = relay.Relay(agents)
+    got, stop = [], threading.Event()
+
+    def emit(obj):
+        got.append(obj)
+        if len(got) == 7:
+            stop.set()
+    t = threading.Thread(target=rl.follow, args=({"verdict": ["FORWARDED", "DROPPED"]}, emit, stop))
+    t.daemon = True
+    t.start()
+    time.sleep(0.5)
+    for ag, _srv in servers:
+        with ag.cond:
+            ag.ring.append(_resp(ag.node_name, time.time(), "client"))
+            ag.seq += 1
+            ag.cond.notify_all()
+    t.join(10)
+    assert len(got) == 7 and sorted(r["node_name"] for r in got[5:]) == ["n1", "n2"]
+
+
+def test_agents_come_from_the_inventory():
+    from ansible_collections.kldload.netstack.plugins.module_utils.flows import relay
+    inv = {"_meta": {"hostvars": {"cp1": {"ansible_host": "10.77.0.11"},
+                                  "w1": {"ansible_host": "10.77.0.21", "netstack_flows_port": 5000},
+                                  "w2": {"ansible_host": "10.77.0.22", "dataplane_flows_listen": "10.77.1.22:4300"},
+                                  "r1": {"ansible_host": "10.77.0.31"}}},
+           "kube_nodes": {"children": ["cp", "workers"]}, "cp": {"hosts": ["cp1"]}, "workers": {"hosts": ["w1", "w2"]},
+           "routers": {"hosts": ["r1"]}}
+    got = relay.agents_from_inventory("inv.yml", run=lambda argv: (0, json.dumps(inv), ""))
+    assert got == {"cp1": "10.77.0.11:4245", "w1": "10.77.0.21:5000", "w2": "10.77.1.22:4300"}
+    with pytest.raises(relay.RelayError, match="no hosts in the group kube_nodes"):
+        relay.agents_from_inventory("inv.yml", run=lambda argv: (0, json.dumps({"_meta": {}}), ""))
+
+
+def test_the_agent_unit_runs_the_bundle_and_changes_with_it():
+    from ansible_collections.kldload.netstack.plugins.module_utils.flows import service
+    a = service.unit_text("/usr/lib/kldload-netstack/netstack.pyz", "/etc/kldload-netstack/dataplane.json",
+                          "/etc/kldload-netstack/dataplane.json", "ab" * 32)
+    assert "ExecStart=/usr/bin/python3 /usr/lib/kldload-netstack/netstack.pyz agent\n" in a
+    assert "Restart=always" in a and "NETSTACK_CONFIG" not in a and "ab" * 32 in a
+    b = service.unit_text("/x.pyz", "/tmp/c.json", "/etc/kldload-netstack/dataplane.json", "cd" * 32)
+    assert "Environment=NETSTACK_CONFIG=/tmp/c.json\n" in b and b != a
+
+
+def test_netstack_observe_on_the_command_line(two_agents):
+    agents, _servers = two_agents
+    import sys
+    cmd = [sys.executable, os.path.join(REPO, "node", "netstack_cli.py"), "observe"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    args = sum((["--agent", a] for a in sorted(agents.values())), [])
+    p = subprocess.run(cmd + args + ["--verdict", "DROPPED", "-o", "json"], capture_output=True, text=True, env=env)
+    rows = [json.loads(x) for x in p.stdout.splitlines()]
+    assert p.returncode == 0 and [r["flow"]["drop_reason_desc"] for r in rows] == ["POLICY_DENIED"] * 2, p.stderr
+    p = subprocess.run(cmd + args + ["--last", "1"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == 1 and "[n1]" in p.stdout, p.stderr
+    p = subprocess.run(cmd + args + ["--pod", "demo/nope"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and p.stdout == "" and "no pod demo/nope on the nodes asked" in p.stderr
+    for bad, msg in ((["--verdict", "MAYBE"], "unknown verdict MAYBE"), (["--since", "yesterday"], "--since"),
+                     (["--port", "99999"], "--port: '99999' is not a port"), (["--colour", "red"], "unrecognized")):
+        p = subprocess.run(cmd + args + bad, capture_output=True, text=True, env=env)
+        assert p.returncode != 0 and msg in p.stderr and "Traceback" not in p.stderr, (bad, p.stderr)

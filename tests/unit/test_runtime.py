@@ -36,7 +36,8 @@ def test_default_configuration_is_valid_and_canonical():
     ({"pin_path": "/sys/fs/bpf/a.b"}, "config.pin_path: /sys/fs/bpf/a.b contains a '.'"),
     ({"routes": [{"dst": "10.244.1.0/24", "via": "fd00::1"}]}, "config.routes[0].via: fd00::1 is not of the family"),
     ({"schema": 2}, "config.schema: 2 is not a schema this release reads"),
-    ({"agent": {}}, "config: unknown field(s) agent"),
+    ({"agent": {"listen": "0.0.0.0:4245"}}, "config.agent.listen: 0.0.0.0 would listen on every address of the node"),
+    ({"agent": {"listen": "10.77.0.11:4245", "ring": 5}}, "config.agent: unknown field(s) ring"),
 ])
 def test_configuration_errors_name_the_field(cfg, message):
     with pytest.raises(runtime.ConfigError) as e:

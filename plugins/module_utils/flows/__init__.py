@@ -12,7 +12,8 @@
 - ``hubble``   Hubble's flow JSON, the compact line, the filters of ``netstack observe``
 - ``metrics``  Prometheus text exposition with Hubble's metric names
 - ``agent``    the node agent (``netstack agent``): reader, bounded ring, JSON export, HTTP (flows, metrics)
-- ``relay``    the cluster-wide relay (``netstack relay``): every node's agent merged, and the network map page
+- ``relay``    ``netstack observe``: one agent, or every node's agent merged by time (like Hubble Relay)
+- ``service``  the agent's unit (netstack-agent.service), made by the node apply
 - ``config``   the ``agent`` section of the node configuration
 
 Standard library only (nodes have no PyYAML, no prometheus_client). No Ansible imports.

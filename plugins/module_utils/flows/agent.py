@@ -201,7 +201,9 @@ class Agent:
         return out, end
 
     def follow(self, flt, start, timeout=1.0):
-        """Flows with sequence numbers from ``start`` on that pass ``flt``: (flows, next start, lost)."""
+        """Flows with sequence numbers from ``start`` on that pass ``flt`` (but ``since``: it selects among the flows
+        kept; the ones that follow are newer), (flows, next start, lost)."""
+        flt = dict((k, v) for k, v in flt.items() if k != "since")
         with self.cond:
             if self.seq <= start:
                 self.cond.wait(timeout)

@@ -1,0 +1,238 @@
+# -*- coding: utf-8 -*-
+# Copyright: kldload.netstack contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""``netstack observe``: one or many node agents' flows, merged (like Hubble Relay), filtered and printed.
+
+On a node, the one source is the local agent (the node configuration's ``agent.listen``); on the controller the
+sources are every node's agent (``--inventory``: the hosts of ``kube_nodes`` and their management address, or
+``--agent ADDRESS:PORT`` given again for each). The filters are hubble.parse_filters()'s, checked here first (a bad
+one is an error before anything is asked) and sent to every agent, which applies them (agent.py); the merge orders
+the flows by time across the nodes and applies ``--last N`` to the whole. ``--follow`` keeps a stream open to every
+agent and prints flows as they come. Output: ``compact`` (hubble.compact()) or ``json`` (the agent's lines as they
+are: Hubble's flow JSON). An agent that does not answer is reported on stderr (``nodes unavailable``, as Hubble
+Relay says) and the others still answer; pods named by ``--pod``/``--from-pod``/``--to-pod`` that no agent knows are
+said so, not an error. Standard library only. No Ansible imports.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import json
+import subprocess
+import threading
+
+try:
+    import queue
+    from urllib.error import HTTPError, URLError
+    from urllib.parse import urlencode
+    from urllib.request import urlopen
+except ImportError:  # pragma: no cover - Python 2 has no observe
+    queue = HTTPError = URLError = urlencode = urlopen = None
+
+from ansible_collections.kldload.netstack.plugins.module_utils.flows import config as fconfig
+from ansible_collections.kldload.netstack.plugins.module_utils.flows import hubble
+
+TIMEOUT = 10.0
+FUTURE = 9.9e9
+INVENTORY_GROUP = "kube_nodes"
+PORT_VARS = ("dataplane_flows_port", "netstack_flows_port")
+LISTEN_VARS = ("dataplane_flows_listen", "netstack_flows_listen")
+
+
+class RelayError(Exception):
+    """An answer that cannot be given (no agent reachable, an agent refused the filters)."""
+
+
+def base_url(listen):
+    addr, port = fconfig.split_listen(listen, "agent")
+    return "http://%s:%d" % ("[%s]" % addr if ":" in addr else addr, port)
+
+
+def agents_from_inventory(inventory, group=INVENTORY_GROUP, port=None, run=None):
+    """{host: ADDRESS:PORT} of every host of ``group`` in an Ansible inventory (through ``ansible-inventory --list``):
+    the host's ``dataplane_flows_listen`` / ``netstack_flows_listen`` if set, else its ``ansible_host`` (the
+    management address the agent listens on by default) and ``port`` (or the host's ``*_flows_port``, or 4245)."""
+    argv = ["ansible-inventory", "-i", inventory, "--list"]
+    if run is None:
+        p = subprocess.run(argv, capture_output=True, text=True, check=False)
+        rc, out, err = p.returncode, p.stdout, p.stderr
+    else:
+        rc, out, err = run(argv)
+    if rc != 0:
+        raise RelayError("ansible-inventory -i %s failed: %s" % (inventory, (err or out).strip()[-500:]))
+    data = json.loads(out)
+    hostvars = data.get("_meta", {}).get("hostvars", {})
+    hosts = _group_hosts(data, group)
+    if not hosts:
+        raise RelayError("the inventory %s has no hosts in the group %s" % (inventory, group))
+    out = {}
+    for h in hosts:
+        hv = hostvars.get(h, {})
+        listen = next((hv[v] for v in LISTEN_VARS if hv.get(v)), None)
+        if not listen:
+            p = port or next((hv[v] for v in PORT_VARS if hv.get(v)), fconfig.DEFAULT_PORT)
+            addr = hv.get("ansible_host", h)
+            listen = ("[%s]:%s" if ":" in addr else "%s:%s") % (addr, p)
+        out[h] = listen
+    return out
+
+
+def _group_hosts(data, group, seen=None):
+    seen = seen or set()
+    if group in seen:
+        return []
+    seen.add(group)
+    g = data.get(group) or {}
+    hosts = list(g.get("hosts") or [])
+    for child in g.get("children") or []:
+        hosts += [h for h in _group_hosts(data, child, seen) if h not in hosts]
+    return hosts
+
+
+def parse_cli(values):
+    """Validated filters from the command line's {name: [values] or value} (names with _), FilterError naming the
+    flag otherwise."""
+    params = dict((k, v) for k, v in values.items() if v not in (None, [], False))
+    return hubble.parse_filters(params)
+
+
+def _open(url, timeout):
+    try:
+        return urlopen(url, timeout=timeout)
+    except HTTPError as e:
+        try:
+            msg = json.loads(e.read().decode("utf-8", "replace")).get("error")
+        except ValueError:
+            msg = None
+        raise RelayError(msg or "HTTP %d from %s" % (e.code, url))
+
+
+def _lines(resp):
+    for raw in resp:
+        raw = raw.strip()
+        if raw:
+            yield json.loads(raw.decode("utf-8"))
+
+
+class Relay:
+    """The flows of ``agents`` ({name: ADDRESS:PORT}) merged."""
+
+    def __init__(self, agents, timeout=TIMEOUT):
+        if not agents:
+            raise RelayError("no agent to ask")
+        self.agents = dict((name, base_url(listen)) for name, listen in agents.items())
+        self.timeout = timeout
+        self.unavailable = {}
+
+    def _gather(self, path, query):
+        """{name: [objects]} of GET path?query from every agent at once; the ones that fail in self.unavailable."""
+        results = {}
+        refused = []
+
+        def one(name, url):
+            try:
+                resp = _open("%s%s?%s" % (url, path, urlencode(query)), self.timeout)
+                with resp:
+                    if path == "/flows":
+                        results[name] = list(_lines(resp))
+                    else:
+                        results[name] = json.loads(resp.read().decode("utf-8"))
+            except RelayError as e:
+                refused.append(str(e))
+            except (URLError, OSError, ValueError) as e:
+                self.unavailable[name] = str(getattr(e, "reason", e))
+        threads = [threading.Thread(target=one, args=(n, u)) for n, u in sorted(self.agents.items())]
+        for t in threads:
+            t.daemon = True
+            t.start()
+        for t in threads:
+            t.join(self.timeout * 3)
+        if refused:
+            raise RelayError(refused[0])
+        if not results:
+            raise RelayError("no agent answered: %s" % "; ".join("%s (%s): %s" % (n, self.agents[n], e)
+                                                               for n, e in sorted(self.unavailable.items())))
+        return results
+
+    def pods(self):
+        """Every pod the agents know: {namespace/name: {namespace, name, ip, node, identity, labels}}."""
+        out = {}
+        for rows in self._gather("/pods", {}).values():
+            for r in rows:
+                out.setdefault("%s/%s" % (r["namespace"], r["name"]), r)
+        return out
+
+    def unknown_pods(self, flt):
+        """The pods the filters name that no agent knows ([namespace/]name prefixes, as hubble matches them)."""
+        specs = hubble.pod_filters(flt)
+        if not specs:
+            return []
+        known = self.pods()
+        out = []
+        for spec in specs:
+            ns, _sep, name = spec.rpartition("/")
+            if not any((not ns or k.split("/", 1)[0] == ns) and k.split("/", 1)[1].startswith(name) for k in known):
+                out.append(spec)
+        return out
+
+    def flows(self, flt):
+        """The flows kept by every agent that pass ``flt``, merged in time order, the last ``flt['last']``."""
+        q = hubble.query(dict((k, v) for k, v in flt.items() if k != "follow"))
+        merged = []
+        for rows in self._gather("/flows", q).values():
+            merged += [r for r in rows if "flow" in r]
+        merged.sort(key=lambda r: r["flow"].get("time", ""))
+        if flt.get("last"):
+            merged = merged[-flt["last"]:]
+        return merged
+
+    def follow(self, flt, emit, stop=None, history=True):
+        """The flows kept (merged, as flows()), then every new one as it comes from any agent, through
+        ``emit(obj)`` (objects in the agents' JSON, lost-event notices too) until ``stop`` is set or every stream
+        ended."""
+        stop = stop or threading.Event()
+        if history:
+            for r in self.flows(dict(flt, follow=False)):
+                emit(r)
+        # the streams: no history again (a since in the future: the agents' follow applies since to the flows kept
+        # only) and no --last
+        q = hubble.query(dict((k, v) for k, v in flt.items() if k not in ("last", "since", "follow")))
+        q += [("follow", "1"), ("since", "%.6f" % FUTURE)]
+        out = queue.Queue()
+
+        def stream(name, url):
+            try:
+                resp = _open("%s/flows?%s" % (url, urlencode(q)), None)
+                with resp:
+                    for obj in _lines(resp):
+                        out.put(obj)
+                        if stop.is_set():
+                            break
+            except (RelayError, URLError, OSError, ValueError) as e:
+                self.unavailable[name] = str(getattr(e, "reason", e))
+            out.put(None)
+        threads = [threading.Thread(target=stream, args=(n, u)) for n, u in sorted(self.agents.items())]
+        for t in threads:
+            t.daemon = True
+            t.start()
+        open_streams = len(threads)
+        while open_streams and not stop.is_set():
+            try:
+                obj = out.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if obj is None:
+                open_streams -= 1
+                continue
+            emit(obj)
+
+
+def render(obj, fmt):
+    """One output line for an agent's object (a flow or a lost-events notice)."""
+    if fmt == "json":
+        return json.dumps(obj, sort_keys=True)
+    if "lost_events" in obj:
+        le = obj["lost_events"]
+        return "EVENTS LOST: %s %s (node %s)" % (le.get("source"), le.get("num_events_lost"), le.get("node_name", ""))
+    return hubble.compact(obj)
