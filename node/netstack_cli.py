@@ -180,7 +180,10 @@ def cmd_observe(args):
     if args.agent:
         agents = dict((a, a) for a in args.agent)
     elif args.inventory:
-        agents = relay.agents_from_inventory(args.inventory, args.group, args.agent_port)
+        try:
+            agents = relay.agents_from_inventory(args.inventory, args.group, args.agent_port)
+        except relay.RelayError as e:
+            sys.exit("netstack observe: %s" % e)
     else:
         cfg = _config()
         if not cfg.get("agent") or not cfg["agent"]["enabled"]:
@@ -298,7 +301,7 @@ def main(argv=None):
     p.set_defaults(fn=cmd_encrypt_restore)
     p = sub.add_parser("observe", help="flows like hubble observe (this node, or every node from the controller)")
     for name, helptext in FILTER_FLAGS:
-        p.add_argument("--" + name, action="append", metavar=name.split("-")[-1].upper(), help=helptext)
+        p.add_argument("--" + name, action="append", metavar=name.rsplit("-", maxsplit=1)[-1].upper(), help=helptext)
     p.add_argument("--since", help="a duration back (30s, 5m, 2h) or a time (2024-05-01T10:00:00Z)")
     p.add_argument("--last", help="the last N flows (over all nodes asked)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing flows as they come")

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -18,7 +17,7 @@ import pytest
 from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys, loader
 from ansible_collections.kldload.netstack.plugins.module_utils.flows import agent as fagent
 from ansible_collections.kldload.netstack.plugins.module_utils.flows import config as fconfig
-from ansible_collections.kldload.netstack.plugins.module_utils.flows import enrich, events, hubble, metrics
+from ansible_collections.kldload.netstack.plugins.module_utils.flows import events, hubble, metrics
 from ansible_collections.kldload.netstack.plugins.module_utils.flows.ringbuf import RingBuffer
 from ansible_collections.kldload.netstack.plugins.module_utils.policy import node
 
@@ -227,14 +226,14 @@ def test_policy_verdicts_become_events_aggregated_per_connection_and_direction(f
     assert (ing["src_identity"], ing["dst_identity"]) == (ids["demo/client"], ids["demo/server"])
     assert ing["flags"] & events.F_ENFORCED and not got[0]["flags"] & events.F_ENFORCED
     # a denied connection: dropped, always reported, with the reason; every packet at aggregation none
-    for _ in range(3):
+    for _i in range(3):
         assert dp.run("kln_pol_from_container", tp.tcp(tp.OTHER, tp.SERVER, 40003, 8080))[0] == tp.SHOT
     drops = [e for e in _read(dp) if e["verdict"] == 2]
     assert len(drops) == 3 and drops[0]["reason"] == 133 and drops[0]["rule"] == 0 and drops[0]["direction"] == 1
     events.sync_config(dp.gdir, {"enabled": True, "aggregation": "none", "drop_rate": 2})
-    for _ in range(3):
+    for _i in range(3):
         dp.run("kln_pol_from_container", ack)
-    for _ in range(5):
+    for _i in range(5):
         dp.run("kln_pol_from_container", tp.tcp(tp.OTHER, tp.SERVER, 40003, 8080))
     got = _read(dp)
     assert len([e for e in got if e["verdict"] == 1]) == 11     # every packet: 3 x (egress, ingress) + other's 5 egress
@@ -326,10 +325,8 @@ def test_the_agent_serves_flows_follow_and_metrics_over_http(flows_dp):
 
 def _resp(node, t, pod, verdict="FORWARDED"):
     drop = verdict == "DROPPED"
-    flow = hubble.make_flow(events.decode(events.encode(_event(verdict=2 if drop else 1, reason=133 if drop else 0,
-                                                                saddr=tp.CLIENT if pod == "client" else tp.OTHER))),
-                            FakeEnricher(), node, t)
-    return flow
+    ev = _event(verdict=2 if drop else 1, reason=133 if drop else 0, saddr=tp.CLIENT if pod == "client" else tp.OTHER)
+    return hubble.make_flow(events.decode(events.encode(ev)), FakeEnricher(), node, t)
 
 
 @pytest.fixture
@@ -440,14 +437,14 @@ def test_netstack_observe_on_the_command_line(two_agents):
     cmd = [sys.executable, os.path.join(REPO, "node", "netstack_cli.py"), "observe"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     args = sum((["--agent", a] for a in sorted(agents.values())), [])
-    p = subprocess.run(cmd + args + ["--verdict", "DROPPED", "-o", "json"], capture_output=True, text=True, env=env)
+    p = subprocess.run(cmd + args + ["--verdict", "DROPPED", "-o", "json"], capture_output=True, text=True, env=env, check=False)
     rows = [json.loads(x) for x in p.stdout.splitlines()]
     assert p.returncode == 0 and [r["flow"]["drop_reason_desc"] for r in rows] == ["POLICY_DENIED"] * 2, p.stderr
-    p = subprocess.run(cmd + args + ["--last", "1"], capture_output=True, text=True, env=env)
+    p = subprocess.run(cmd + args + ["--last", "1"], capture_output=True, text=True, env=env, check=False)
     assert p.returncode == 0 and len(p.stdout.splitlines()) == 1 and "[n1]" in p.stdout, p.stderr
-    p = subprocess.run(cmd + args + ["--pod", "demo/nope"], capture_output=True, text=True, env=env)
+    p = subprocess.run(cmd + args + ["--pod", "demo/nope"], capture_output=True, text=True, env=env, check=False)
     assert p.returncode == 0 and p.stdout == "" and "no pod demo/nope on the nodes asked" in p.stderr
     for bad, msg in ((["--verdict", "MAYBE"], "unknown verdict MAYBE"), (["--since", "yesterday"], "--since"),
                      (["--port", "99999"], "--port: '99999' is not a port"), (["--colour", "red"], "unrecognized")):
-        p = subprocess.run(cmd + args + bad, capture_output=True, text=True, env=env)
+        p = subprocess.run(cmd + args + bad, capture_output=True, text=True, env=env, check=False)
         assert p.returncode != 0 and msg in p.stderr and "Traceback" not in p.stderr, (bad, p.stderr)

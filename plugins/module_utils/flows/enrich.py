@@ -110,7 +110,8 @@ class Enricher:
         try:
             state = policy_node.read_state(self.state_path)
         except (OSError, ValueError) as e:
-            state, _ = policy_node.default_state(), errors.append("policy state: %s" % e)
+            state = policy_node.default_state()
+            errors.append("policy state: %s" % e)
         for e in (state.get("cluster") or {}).get("endpoints") or []:
             for ip in e.get("ips") or []:
                 ip = str(ip).split("/", 1)[0]
@@ -119,7 +120,8 @@ class Enricher:
         try:
             records = cni.list_endpoints(self.endpoints_dir)
         except OSError as e:
-            records, _ = [], errors.append("endpoint records: %s" % e)
+            records = []
+            errors.append("endpoint records: %s" % e)
         cookies = {}
         mine = []
         for r in records:

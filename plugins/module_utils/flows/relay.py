@@ -19,6 +19,7 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import json
+import shutil
 import subprocess
 import threading
 
@@ -55,6 +56,8 @@ def agents_from_inventory(inventory, group=INVENTORY_GROUP, port=None, run=None)
     management address the agent listens on by default) and ``port`` (or the host's ``*_flows_port``, or 4245)."""
     argv = ["ansible-inventory", "-i", inventory, "--list"]
     if run is None:
+        if not shutil.which(argv[0]):
+            raise RelayError("ansible-inventory is not on PATH (the controller's Ansible); or name the agents with --agent")
         p = subprocess.run(argv, capture_output=True, text=True, check=False)
         rc, out, err = p.returncode, p.stdout, p.stderr
     else:
@@ -151,8 +154,8 @@ class Relay:
         if refused:
             raise RelayError(refused[0])
         if not results:
-            raise RelayError("no agent answered: %s" % "; ".join("%s (%s): %s" % (n, self.agents[n], e)
-                                                               for n, e in sorted(self.unavailable.items())))
+            down = ["%s (%s): %s" % (n, self.agents[n], e) for n, e in sorted(self.unavailable.items())]
+            raise RelayError("no agent answered: %s" % "; ".join(down))
         return results
 
     def pods(self):
