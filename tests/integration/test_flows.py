@@ -198,6 +198,7 @@ def test_each_filter_narrows_the_answer(flows):
 
     def ours(*args):
         return [r for r in _rows(flows.observe_relay(*(base + list(args)))) if _sport(r) in ports]
+
     def all_known():
         rs = ours()
         return rs if {_sport(r) for r in rs} == ports else []

@@ -24,12 +24,11 @@ import subprocess
 import threading
 
 try:
+    import http.client as httplib
     import queue
-    from urllib.error import HTTPError, URLError
     from urllib.parse import urlencode
-    from urllib.request import urlopen
 except ImportError:  # pragma: no cover - Python 2 has no observe
-    queue = HTTPError = URLError = urlencode = urlopen = None
+    httplib = queue = urlencode = None
 
 from ansible_collections.kldload.netstack.plugins.module_utils.flows import config as fconfig
 from ansible_collections.kldload.netstack.plugins.module_utils.flows import hubble
@@ -46,8 +45,8 @@ class RelayError(Exception):
 
 
 def base_url(listen):
-    addr, port = fconfig.split_listen(listen, "agent")
-    return "http://%s:%d" % ("[%s]" % addr if ":" in addr else addr, port)
+    """(address, port) of an agent's ADDRESS:PORT."""
+    return fconfig.split_listen(listen, "agent")
 
 
 def agents_from_inventory(inventory, group=INVENTORY_GROUP, port=None, run=None):
@@ -100,15 +99,21 @@ def parse_cli(values):
     return hubble.parse_filters(params)
 
 
-def _open(url, timeout):
-    try:
-        return urlopen(url, timeout=timeout)
-    except HTTPError as e:
+def _open(base, path, timeout):
+    """GET ``path`` of the agent at ``base`` (address, port): the response (200), RelayError with the agent's message
+    (a refused filter: 400), OSError when it cannot be reached. http.client: the node has the standard library only."""
+    conn = httplib.HTTPConnection(base[0], base[1], timeout=timeout)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    if resp.status != 200:
+        body = resp.read().decode("utf-8", "replace")
+        conn.close()
         try:
-            msg = json.loads(e.read().decode("utf-8", "replace")).get("error")
+            msg = json.loads(body).get("error")
         except ValueError:
             msg = None
-        raise RelayError(msg or "HTTP %d from %s" % (e.code, url))
+        raise RelayError(msg or "HTTP %d from %s:%d%s" % (resp.status, base[0], base[1], path))
+    return resp
 
 
 def _lines(resp):
@@ -133,9 +138,9 @@ class Relay:
         results = {}
         refused = []
 
-        def one(name, url):
+        def one(name, base):
             try:
-                resp = _open("%s%s?%s" % (url, path, urlencode(query)), self.timeout)
+                resp = _open(base, "%s?%s" % (path, urlencode(query)), self.timeout)
                 with resp:
                     if path == "/flows":
                         results[name] = list(_lines(resp))
@@ -143,8 +148,8 @@ class Relay:
                         results[name] = json.loads(resp.read().decode("utf-8"))
             except RelayError as e:
                 refused.append(str(e))
-            except (URLError, OSError, ValueError) as e:
-                self.unavailable[name] = str(getattr(e, "reason", e))
+            except (httplib.HTTPException, OSError, ValueError) as e:
+                self.unavailable[name] = str(e) or e.__class__.__name__
         threads = [threading.Thread(target=one, args=(n, u)) for n, u in sorted(self.agents.items())]
         for t in threads:
             t.daemon = True
@@ -154,7 +159,7 @@ class Relay:
         if refused:
             raise RelayError(refused[0])
         if not results:
-            down = ["%s (%s): %s" % (n, self.agents[n], e) for n, e in sorted(self.unavailable.items())]
+            down = ["%s (%s:%d): %s" % ((n,) + tuple(self.agents[n]) + (e,)) for n, e in sorted(self.unavailable.items())]
             raise RelayError("no agent answered: %s" % "; ".join(down))
         return results
 
@@ -204,16 +209,16 @@ class Relay:
         q += [("follow", "1"), ("since", "%.6f" % FUTURE)]
         out = queue.Queue()
 
-        def stream(name, url):
+        def stream(name, base):
             try:
-                resp = _open("%s/flows?%s" % (url, urlencode(q)), None)
+                resp = _open(base, "/flows?%s" % urlencode(q), None)
                 with resp:
                     for obj in _lines(resp):
                         out.put(obj)
                         if stop.is_set():
                             break
-            except (RelayError, URLError, OSError, ValueError) as e:
-                self.unavailable[name] = str(getattr(e, "reason", e))
+            except (RelayError, httplib.HTTPException, OSError, ValueError) as e:
+                self.unavailable[name] = str(e) or e.__class__.__name__
             out.put(None)
         threads = [threading.Thread(target=stream, args=(n, u)) for n, u in sorted(self.agents.items())]
         for t in threads:
