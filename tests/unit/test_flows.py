@@ -448,3 +448,49 @@ def test_netstack_observe_on_the_command_line(two_agents):
                      (["--port", "99999"], "--port: '99999' is not a port"), (["--colour", "red"], "unrecognized")):
         p = subprocess.run(cmd + args + bad, capture_output=True, text=True, env=env, check=False)
         assert p.returncode != 0 and msg in p.stderr and "Traceback" not in p.stderr, (bad, p.stderr)
+
+
+@needs_root
+def test_the_netstack_agent_command_serves_the_programs_events(flows_dp, tmp_path):
+    """`netstack agent` as the unit runs it (the node configuration's agent section), `netstack observe` against it,
+    SIGTERM ends it."""
+    import signal
+    import sys
+    from ansible_collections.kldload.netstack.plugins.module_utils import runtime
+    dp = flows_dp
+    dp.apply(tp._state([tp.SERVER_FROM_CLIENT]))
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    cfg = runtime.default_config()
+    cfg["pin_path"] = dp.root
+    cfg["lb"]["state_file"] = str(tmp_path / "services.json")
+    cfg["agent"] = {"listen": "127.0.0.1:%d" % port, "node_name": "n1", "buffer": 64}
+    path = tmp_path / "dataplane.json"
+    path.write_text(json.dumps(cfg))
+    events.sync_config(dp.gdir, fconfig.kernel(fconfig.normalize(cfg["agent"])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), NETSTACK_CONFIG=str(path))
+    cli = [sys.executable, os.path.join(REPO, "node", "netstack_cli.py")]
+    proc = subprocess.Popen(cli + ["agent"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving flows and metrics on 127.0.0.1:%d" % port in proc.stdout.readline()
+        dp.run("kln_pol_from_container", tp.tcp(tp.OTHER, tp.SERVER, 42100, 8080))
+        deadline = time.time() + 10
+        rows = []
+        while not rows and time.time() < deadline:
+            p = subprocess.run(cli + ["observe", "-o", "json", "--verdict", "DROPPED", "--port", "42100"], env=env,
+                               capture_output=True, text=True, check=False)     # the local agent, from the configuration
+            rows = [json.loads(x) for x in p.stdout.splitlines()]
+            time.sleep(0.3)
+        assert rows and rows[0]["flow"]["drop_reason_desc"] == "POLICY_DENIED" and rows[0]["node_name"] == "n1", p.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    bad = dict(cfg, agent={"listen": "192.0.2.77:%d" % port})
+    path.write_text(json.dumps(bad))
+    p = subprocess.run(cli + ["agent"], env=env, capture_output=True, text=True, check=False, timeout=30)
+    assert p.returncode == 1 and "192.0.2.77 is not an address of this node" in p.stderr and "Traceback" not in p.stderr
