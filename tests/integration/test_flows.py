@@ -8,10 +8,14 @@ coming back and serving.
 Every connection has its own source port, so each flow is found by it; the agents' rings are per node and in
 memory, so the tests look for their own flows only (a `--since` at the module's start)."""
 import json
+import os
 import select
 import shlex
+import socket
 import subprocess
 import time
+import urllib.parse
+import urllib.request
 
 import pytest
 import yaml
@@ -281,3 +285,56 @@ def test_the_agent_killed_with_sigkill_comes_back_and_serves(flows):
                                  "'http://%s:4245/metrics').read().decode())\"" % addr).stdout
     assert 'netstack_agent_up{node="%s"} 1' % host in metrics
     assert "hubble_flows_processed_total{" in metrics
+
+
+PROMETHEUS = "/usr/bin/prometheus"
+
+
+def _prom(base, query):
+    url = "%s/api/v1/query?%s" % (base, urllib.parse.urlencode({"query": query}))
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read().decode())["data"]["result"]
+
+
+@pytest.mark.skipif(not os.path.exists(PROMETHEUS), reason="Debian's prometheus is not installed (scripts/setup.sh)")
+def test_prometheus_scrapes_every_agent_and_counts_a_denied_connection(flows, tmp_path):
+    """A real Prometheus (Debian's) on the controller scraping every node's agent: a denied connection raises
+    hubble_drop_total{reason="POLICY_DENIED"} as read back through Prometheus' HTTP query API."""
+    targets = ["%s:4245" % flows.lab.hostvars[h]["ansible_host"] for h in flows.lab.hosts()]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+        "scrape_configs": [{"job_name": "netstack", "static_configs": [{"targets": targets}]}]}))
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    base = "http://127.0.0.1:%d" % port
+    log = open(str(tmp_path / "prometheus.log"), "w")
+    proc = subprocess.Popen([PROMETHEUS, "--config.file=%s" % (tmp_path / "prometheus.yml"),
+                             "--storage.tsdb.path=%s" % (tmp_path / "data"), "--web.listen-address=127.0.0.1:%d" % port],
+                            stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        up = flows.wait_flows(lambda: _up(base, len(targets)), "every agent scraped (up == 1)", timeout=30)
+        assert sorted(r["metric"]["instance"] for r in up) == sorted(targets)
+
+        def denied():
+            got = _prom(base, 'sum(hubble_drop_total{reason="POLICY_DENIED"})')
+            return float(got[0]["value"][1]) if got else 0.0
+        before = denied()
+        flows.connect("demo/intruder", flows.pods["demo/web-worker1"]["ip"], 8080)
+        after = flows.wait_flows(lambda: [v for v in [denied()] if v > before], "the drop counted", timeout=20)
+        assert after[0] > before
+        nodes = _prom(base, "netstack_agent_up")
+        assert sorted(r["metric"]["node"] for r in nodes) == sorted(flows.lab.hosts())
+    finally:
+        proc.terminate()                     # the one process this test started, by its pid
+        proc.wait(20)
+        log.close()
+
+
+def _up(base, n):
+    try:
+        got = [r for r in _prom(base, 'up{job="netstack"}') if r["value"][1] == "1"]
+    except OSError:
+        return []
+    return got if len(got) == n else []
