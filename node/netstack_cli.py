@@ -23,6 +23,9 @@
   netstack observe [FILTERS] [--last N] [--follow] [-o compact|json] [--agent ADDRESS:PORT ... | --inventory FILE]
                                        flows like hubble observe: this node's agent, or (on the controller) every
                                        node's agent of an inventory merged like Hubble Relay (docs/observability.md)
+  netstack relay [--listen ADDRESS:PORT] (--inventory FILE | --agent ADDRESS:PORT ...)
+                                       (on the controller) every node's agent merged: the network map page (/) and
+                                       its API (/api/pods, /api/flows), like Hubble Relay and Hubble UI
   netstack agent                       the flow agent (netstack-agent.service): reads the eBPF programs' flow
                                        events, serves flows and Prometheus metrics on config.agent.listen
 
@@ -36,6 +39,7 @@ stdout (see docs/pods.md).
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -219,6 +223,35 @@ def cmd_observe(args):
         sys.exit("netstack observe: %s" % e)
 
 
+def cmd_relay(args):
+    import signal
+    import threading
+    from ansible_collections.kldload.netstack.plugins.module_utils.flows import relay
+    if args.agent:
+        agents = dict((a, a) for a in args.agent)
+    elif args.inventory:
+        try:
+            agents = relay.agents_from_inventory(args.inventory, args.group, args.agent_port)
+        except relay.RelayError as e:
+            sys.exit("netstack relay: %s" % e)
+    else:
+        sys.exit("netstack relay: name the agents with --inventory or --agent")
+    if not re.match(r"^[0-9]+(s|m|h|d)$", args.window):
+        sys.exit("netstack relay: --window: %r is not a duration (30s, 5m, 2h)" % args.window)
+    try:
+        relay.fconfig.split_listen(args.listen, "--listen")
+    except ValueError as e:
+        sys.exit("netstack relay: %s" % e)
+    srv = relay.serve(relay.Relay(agents), args.listen, args.window)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_a: stop.set())
+    signal.signal(signal.SIGINT, lambda *_a: stop.set())
+    print("netstack relay: %d agents (%s), the network map on http://%s/" % (len(agents), ", ".join(sorted(agents)),
+                                                                            args.listen), flush=True)
+    stop.wait()
+    srv.shutdown()
+
+
 def cmd_restore(_args):
     t0 = time.time()
     res = runtime.apply(_config())
@@ -313,6 +346,14 @@ def main(argv=None):
     p.add_argument("--agent-port", type=int, help="the agents' port when the inventory does not say (default 4245)")
     p.set_defaults(fn=cmd_observe)
     sub.add_parser("agent", help="the flow agent (what netstack-agent.service runs)").set_defaults(fn=cmd_agent)
+    p = sub.add_parser("relay", help="every node's agent merged: the network map page and its API (on the controller)")
+    p.add_argument("--listen", default="127.0.0.1:4250", help="ADDRESS:PORT (default 127.0.0.1:4250)")
+    p.add_argument("--agent", action="append", metavar="ADDRESS:PORT", help="an agent (repeat for more)")
+    p.add_argument("--inventory", metavar="FILE", help="the agent of every host of --group in this inventory")
+    p.add_argument("--group", default="kube_nodes")
+    p.add_argument("--agent-port", type=int)
+    p.add_argument("--window", default="5m", help="how far back the map's flows go (default 5m)")
+    p.set_defaults(fn=cmd_relay)
     args = ap.parse_args(argv)
     try:
         args.fn(args)

@@ -10,7 +10,7 @@ HOST_PACKAGES=(
   debootstrap systemd-container iproute2 iptables nftables openssh-client
   python3 python3-venv bpftool clang llvm libbpf-dev make rsync git containernetworking-plugins
   wireguard-tools wireguard-go tcpdump frr frr-pythontools
-  prometheus
+  prometheus chromium chromium-driver
 )
 
 missing=()

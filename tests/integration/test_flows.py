@@ -338,3 +338,47 @@ def _up(base, n):
     except OSError:
         return []
     return got if len(got) == n else []
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromedriver"), reason="Debian's chromium-driver is not installed")
+def test_the_network_map_page_in_a_real_browser(flows):
+    """netstack relay on the controller (every node's agent), its network map page in headless Chromium driven by
+    chromedriver: the lab's pods shown, a denied connection appears as a red edge within seconds, a click lists its
+    flows; the screenshot is kept in tests/output/flows-map.png."""
+    import webdriver
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    relay = subprocess.Popen(["python3", str(PYZ), "relay", "--inventory", str(INVENTORY), "--listen",
+                              "127.0.0.1:%d" % port], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=_env())
+    browser = None
+    try:
+        assert "the network map on http://127.0.0.1:%d/" % port in relay.stdout.readline()
+        browser = webdriver.Browser()
+        browser.get("http://127.0.0.1:%d/" % port)
+        want = {"demo/web-cp1", "demo/web-worker1", "demo/web-worker2", "demo/client", "demo/intruder", "demo/db"}
+        flows.wait_flows(lambda: want <= set(browser.js(
+            "return Array.from(document.querySelectorAll('.pod')).map(e => e.getAttribute('data-pod'))")), "the pods")
+        edge = "demo/db->demo/web-worker2"
+        css = '.edge[data-edge="%s"]' % edge
+        assert browser.js("return document.querySelector(arguments[0]) === null", css)
+        t0 = time.time()
+        flows.connect("demo/db", flows.pods["demo/web-worker2"]["ip"], 8080)    # denied: web takes client only
+        flows.wait_flows(lambda: browser.js("const e = document.querySelector(arguments[0]); "
+                                            "return e ? e.getAttribute('class') : null", css) == "edge dropped",
+                         "a red edge %s" % edge, timeout=10)
+        seconds = time.time() - t0
+        browser.click('.edge-handle[data-edge="%s"]' % edge)
+        text = browser.js("return document.getElementById('flows').textContent")
+        assert "demo/db:" in text and "demo/web-worker2:8080 DROPPED POLICY_DENIED" in text, text
+        out = REPO / "tests" / "output"
+        out.mkdir(parents=True, exist_ok=True)
+        browser.screenshot(out / "flows-map.png")
+        assert seconds < 10
+    finally:
+        if browser:
+            browser.close()
+        relay.terminate()                          # the relay this test started, by its pid
+        relay.wait(10)

@@ -494,3 +494,52 @@ def test_the_netstack_agent_command_serves_the_programs_events(flows_dp, tmp_pat
     path.write_text(json.dumps(bad))
     p = subprocess.run(cli + ["agent"], env=env, capture_output=True, text=True, check=False, timeout=30)
     assert p.returncode == 1 and "192.0.2.77 is not an address of this node" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_relay_serves_the_network_map_page_and_its_api(two_agents, tmp_path):
+    """netstack relay's HTTP over two agents; the page in headless Chromium (Debian's, through chromedriver) when
+    it is installed: the pods drawn, a red edge for the dropped pair, a green one for the forwarded, a click lists
+    the edge's flows."""
+    import sys
+    from ansible_collections.kldload.netstack.plugins.module_utils.flows import relay
+    agents, servers = two_agents
+    pods = {tp.CLIENT: "client", tp.SERVER: "server", tp.OTHER: "other"}
+    for ag, _srv in servers:
+        ag.enricher.by_ip = dict((ip, {"kind": "pod", "namespace": "demo", "pod_name": n, "node_name": ag.node_name,
+                                       "identity": 300, "labels": ["k8s:app=%s" % n]}) for ip, n in pods.items())
+    srv = relay.serve(relay.Relay(agents), "127.0.0.1:0", window="20000d")
+    base = "http://127.0.0.1:%d" % srv.server_address[1]
+    try:
+        assert "network map" in urllib.request.urlopen(base + "/").read().decode()
+        got = json.loads(urllib.request.urlopen(base + "/api/pods").read().decode())
+        assert [p["name"] for p in got] == ["client", "other", "server"]
+        lines = urllib.request.urlopen(base + "/api/flows?verdict=DROPPED").read().decode().splitlines()
+        assert len(lines) == 2 and all(json.loads(x)["flow"]["verdict"] == "DROPPED" for x in lines)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base + "/api/flows?follow=1")
+        assert err.value.code == 400 and "follow" in err.value.read().decode()
+        if not os.path.exists("/usr/bin/chromedriver"):
+            pytest.skip("Debian's chromium-driver is not installed")
+        sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
+        import webdriver
+        b = webdriver.Browser()
+        try:
+            b.get(base + "/")
+            deadline = time.time() + 15
+            edges = {}
+            while time.time() < deadline and len(edges) < 2:
+                edges = b.js("const o = {}; document.querySelectorAll('.edge').forEach("
+                             "e => o[e.getAttribute('data-edge')] = e.getAttribute('class')); return o;")
+                time.sleep(0.3)
+            status = b.js("return document.getElementById('status').textContent")
+            assert edges == {"demo/client->demo/server": "edge forwarded", "demo/other->demo/server": "edge dropped"}, \
+                (edges, status)
+            assert b.js("return document.querySelectorAll('.pod').length") == 3
+            b.click('.edge-handle[data-edge="demo/other->demo/server"]')
+            text = b.js("return document.getElementById('flows').textContent")
+            assert "DROPPED POLICY_DENIED" in text and "demo/other:40000 -> demo/server:8080" in text, text
+            b.screenshot(tmp_path / "map.png")
+        finally:
+            b.close()
+    finally:
+        srv.shutdown()

@@ -285,7 +285,7 @@ def parse_filters(params, now=None):
                 raise FilterError("%s: given more than once" % flag)
             v = values[0]
             try:
-                values = float(v) if re.match(r"^\d{9,}(\.\d+)?$", v) else None
+                values = float(v) if re.match(r"^\d+(\.\d+)?$", v) else None
                 if values is None:
                     d = _duration(v)
                     values = ((now or time.time()) - d) if d is not None else parse_time(v)

@@ -244,3 +244,73 @@ def render(obj, fmt):
         le = obj["lost_events"]
         return "EVENTS LOST: %s %s (node %s)" % (le.get("source"), le.get("num_events_lost"), le.get("node_name", ""))
     return hubble.compact(obj)
+
+
+# ---- the relay's own HTTP: the network map page and its data ---------------------------------------------
+
+def serve(relay, listen, window="5m"):
+    """``netstack relay``: serve on ``listen`` (ADDRESS:PORT, checked by the caller; the controller's loopback by
+    default) the network map
+    page (``/``, mappage.py), ``/api/pods`` (every agent's pods), ``/api/flows?<filters>`` (every agent's flows
+    merged, one JSON object a line; no follow) and ``/healthz``; in a thread. The server."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from socketserver import ThreadingMixIn
+    from urllib.parse import parse_qs, urlparse
+    import socket
+    from ansible_collections.kldload.netstack.plugins.module_utils.flows import mappage
+
+    host, _sep, port = listen.rpartition(":")
+    host = host.strip("[]")
+
+    class Server(ThreadingMixIn, HTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "netstack-relay"
+
+        def log_message(self, *args):  # pylint: disable=arguments-differ
+            pass
+
+        def _reply(self, code, body, ctype="application/json"):
+            data = body.encode("utf-8")
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            url = urlparse(self.path)
+            try:
+                if url.path in ("/", "/index.html"):
+                    return self._reply(200, mappage.page(window), "text/html; charset=utf-8")
+                if url.path == "/api/pods":
+                    rows = sorted(relay.pods().values(), key=lambda r: (r["namespace"], r["name"]))
+                    return self._reply(200, json.dumps(rows, sort_keys=True) + "\n")
+                if url.path == "/api/flows":
+                    flt = hubble.parse_filters(parse_qs(url.query))
+                    if flt.get("follow"):
+                        raise hubble.FilterError("follow: not on the relay's /api/flows (netstack observe --follow)")
+                    rows = relay.flows(flt)
+                    return self._reply(200, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows),
+                                       "application/x-ndjson")
+                if url.path == "/healthz":
+                    return self._reply(200, json.dumps({"status": "ok", "agents": sorted(relay.agents),
+                                                        "unavailable": relay.unavailable}, sort_keys=True) + "\n")
+                return self._reply(404, json.dumps({"error": "no such path %s (/, /api/pods, /api/flows, /healthz)"
+                                                    % url.path}) + "\n")
+            except hubble.FilterError as e:
+                return self._reply(400, json.dumps({"error": str(e)}) + "\n")
+            except RelayError as e:
+                return self._reply(502, json.dumps({"error": str(e)}) + "\n")
+            except (BrokenPipeError, ConnectionResetError):
+                return None
+
+    srv = Server((host, int(port)), Handler)
+    t = threading.Thread(target=srv.serve_forever, name="relay-http")
+    t.daemon = True
+    t.start()
+    return srv
