@@ -238,7 +238,7 @@ def test_each_filter_narrows_the_answer(flows):
     assert {_sport(r) for r in got} == {port}, got
     # --follow: the stream prints what comes after it started
     proc = subprocess.Popen(["python3", str(PYZ), "observe", "--inventory", str(INVENTORY), "-o", "json", "--follow",
-                             "--from-pod", "demo/intruder", "--since", "%.3f" % time.time()],
+                             "--from-pod", "demo/intruder", "--verdict", "DROPPED", "--since", "%.3f" % time.time()],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         time.sleep(2)
