@@ -246,8 +246,8 @@ def cmd_relay(args):
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_a: stop.set())
     signal.signal(signal.SIGINT, lambda *_a: stop.set())
-    print("netstack relay: %d agents (%s), the network map on http://%s/" % (len(agents), ", ".join(sorted(agents)),
-                                                                            args.listen), flush=True)
+    names = ", ".join(sorted(agents))
+    print("netstack relay: %d agents (%s), the network map on http://%s/" % (len(agents), names, args.listen), flush=True)
     stop.wait()
     srv.shutdown()
 
