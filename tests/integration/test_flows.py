@@ -131,8 +131,10 @@ def flows(lab, tmp_path_factory):
     f = Flows(lab, tmp_path_factory.mktemp("flows"))
     f.install()
     yield f
-    # the lab as the other tests expect it: no policy, its own workloads only
-    run_playbook("playbooks/install.yml")
+    # the lab as the other tests expect it: its own workloads only, then no policy (the policy play gathers the pods
+    # left); the services' backends are the web pods, which stay
+    run_playbook("tests/integration/workloads_apply.yml")
+    run_playbook("tests/integration/policy_apply.yml")
 
 
 def test_a_denied_connection_on_the_node_and_through_the_relay(flows):
