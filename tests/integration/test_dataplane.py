@@ -341,6 +341,16 @@ def test_node_dataplane_survives_a_reboot(lab, node):
     _prepare(lab, [host], cg)   # the reboot took the test cgroup and the test server with it
     assert lab.sh(host, "systemctl is-active netstack-dataplane.service").stdout.strip() == "active"
     assert lab.sh(host, "netstack lb list").stdout == listed
+    # the flow agent came back too (docs/observability.md) and answers on the management address
+    addr = lab.hostvars[host]["ansible_host"]
+    for _i in range(20):
+        health = lab.sh(host, "python3 -c \"import urllib.request as u; print(u.urlopen('http://%s:4245/healthz')"
+                              ".read().decode())\"" % addr, check=False)
+        if health.returncode == 0:
+            break
+        time.sleep(0.5)
+    assert json.loads(health.stdout)["status"] == "ok", health.stderr
+    assert lab.sh(host, "systemctl is-active netstack-agent.service").stdout.strip() == "active"
     status = json.loads(lab.sh(host, "netstack dataplane status --json").stdout)
     assert len(status["objects"]["sock_lb"]["attachments"]) == 8
     cgroot = lab.sh(host, "findmnt -n -o TARGET -t cgroup2 | head -1").stdout.strip()
