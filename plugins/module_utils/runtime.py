@@ -508,16 +508,17 @@ def _agent(cfg, check, module, manage_unit, config_path, before_text):
         changes = flows_events.sync_config(globals_dir(cfg), flows_config.kernel(section), check=check)
     except OSError as e:
         raise ConfigError("config.agent: cannot write kln_flow_config: %s" % (e,))
+    text = flows_service.unit_text(cfg["bundle"], config_path or CONFIG_PATH, CONFIG_PATH,
+                                   loader.file_sha256(cfg["bundle"]) if os.path.isfile(cfg["bundle"]) else None)
     if not manage_unit:
-        return changes
+        # restore (boot, rollback): the agent follows a switched bundle; nothing else of its unit is ours here
+        return changes + (flows_service.follow_bundle(text, check=check, module=module) if section else [])
     if section is None:
         return changes + flows_service.remove(check=check, module=module)
     try:
         before = json.loads(before_text).get("agent") if before_text else None
     except ValueError:
         before = None
-    text = flows_service.unit_text(cfg["bundle"], config_path or CONFIG_PATH, CONFIG_PATH,
-                                   loader.file_sha256(cfg["bundle"]) if os.path.isfile(cfg["bundle"]) else None)
     return changes + flows_service.ensure(text, restart=before != cfg["agent"], check=check, module=module)
 
 

@@ -543,3 +543,19 @@ def test_the_relay_serves_the_network_map_page_and_its_api(two_agents, tmp_path)
             b.close()
     finally:
         srv.shutdown()
+
+
+def test_the_restore_makes_the_agent_follow_a_switched_bundle_only(tmp_path, monkeypatch):
+    from ansible_collections.kldload.netstack.plugins.module_utils import units
+    from ansible_collections.kldload.netstack.plugins.module_utils.flows import service
+    monkeypatch.setattr(units, "UNIT_DIR", str(tmp_path))
+    monkeypatch.setattr(units, "systemd_running", lambda: False)
+    cfgp = "/etc/kldload-netstack/dataplane.json"
+    new = service.unit_text("/usr/lib/kldload-netstack/netstack.pyz", cfgp, cfgp, "ab" * 32)
+    assert service.follow_bundle(new, check=True) == []                              # no unit: not ours to make
+    (tmp_path / service.UNIT).write_text(service.unit_text("/usr/lib/kldload-netstack/netstack.pyz", cfgp, cfgp, "cd" * 32))
+    assert any(c.startswith("write ") for c in service.follow_bundle(new, check=True))  # another release: follow it
+    (tmp_path / service.UNIT).write_text(new)
+    assert service.follow_bundle(new, check=True) == []                              # the same: nothing
+    (tmp_path / service.UNIT).write_text(service.unit_text("/x.pyz", "/tmp/other.json", cfgp, "cd" * 32))
+    assert service.follow_bundle(new, check=True) == []                              # another instance's unit: left alone

@@ -11,6 +11,8 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import os
+
 from ansible_collections.kldload.netstack.plugins.module_utils import units
 from ansible_collections.kldload.netstack.plugins.module_utils.flows.config import UNIT
 from ansible_collections.kldload.netstack.plugins.module_utils.runner import Tool
@@ -66,3 +68,18 @@ def ensure(text, restart, check=False, module=None):
 
 def remove(check=False, module=None):
     return units.remove_unit(UNIT, WANTED_BY, check=check, module=module)
+
+
+def _without_digest(text):
+    return "".join(line for line in (text or "").splitlines(True) if not line.startswith("# Bundle sha256:"))
+
+
+def follow_bundle(text, check=False, module=None):
+    """Where the node apply does not own the unit (``netstack dataplane restore``: at boot, and after a rollback
+    switched the bundle): the unit as it is but for the bundle's digest - another release installed - is written
+    and the agent restarted on that bundle's code; any other difference (another configuration path: not this
+    apply's agent) or no unit is left alone. The changes as text."""
+    have = units.read(os.path.join(units.UNIT_DIR, UNIT))
+    if have is None or have == text or _without_digest(have) != _without_digest(text):
+        return []
+    return ensure(text, restart=True, check=check, module=module)
