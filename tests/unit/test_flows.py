@@ -358,6 +358,8 @@ def test_the_relay_merges_agents_in_time_order_and_applies_last_to_the_whole(two
     assert [(r["node_name"], r["flow"]["time"][17:19]) for r in got] == \
         [("n1", "10"), ("n2", "20"), ("n1", "30"), ("n2", "40"), ("n1", "50")]
     assert [r["node_name"] for r in rl.flows({"last": 2})] == ["n2", "n1"]
+    assert len(rl.flows(relay.parse_cli({"protocol": ["tcp"]}))) == 5 and not rl.flows(relay.parse_cli({"protocol": ["udp"]}))
+    assert hubble.query(hubble.parse_filters({"protocol": ["udp", "6"]})) == [("protocol", "udp"), ("protocol", "tcp")]
     dropped = rl.flows(relay.parse_cli({"verdict": ["DROPPED"]}))
     assert [(r["node_name"], r["flow"]["source"]["pod_name"]) for r in dropped] == [("n1", "other"), ("n2", "other")]
     assert rl.unknown_pods({"pod": ["demo/nope"]}) == ["demo/nope"]          # the fakes know no pods (/pods)

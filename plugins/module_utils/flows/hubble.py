@@ -205,6 +205,7 @@ def compact(resp):
 FILTERS = ("namespace", "pod", "from_pod", "to_pod", "label", "identity", "verdict", "drop_reason", "protocol", "port",
            "ip", "from_ip", "to_ip", "since", "last", "follow", "node")
 _PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv4": 1, "sctp": 132}
+_PROTOCOL_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 132: "sctp"}
 
 
 class FilterError(ValueError):
@@ -250,6 +251,7 @@ def parse_filters(params, now=None):
                                       % (flag, v, ", ".join(sorted(ev.REASON_CODES))))
             values = conv
         elif name == "protocol":
+            values = [_PROTOCOL_NAMES.get(int(v), v) if v.isdigit() else v for v in values]
             bad = [v for v in values if v.lower() not in _PROTOCOLS]
             if bad:
                 raise FilterError("%s: unknown protocol %s (protocols: tcp, udp, icmp, sctp)" % (flag, ", ".join(bad)))
@@ -313,6 +315,8 @@ def query(filters):
         elif k == "follow":
             if v:
                 out.append((k, "1"))
+        elif k == "protocol":
+            out += [(k, _PROTOCOL_NAMES.get(x, str(x))) for x in v]
         else:
             out += [(k, str(x)) for x in v]
     return out

@@ -69,7 +69,7 @@ function draw(pods, flows) {
   pods.forEach(p => { (byNs[p.namespace] = byNs[p.namespace] || []).push(p); });
   const namespaces = Object.keys(byNs).sort(), pos = {};
   let maxRows = 0;
-  const edgesG = el("g", {id: "edges"}, svg), podsG = el("g", {id: "pods"}, svg);
+  const podsG = el("g", {id: "pods"}, svg), edgesG = el("g", {id: "edges"}, svg);   // edges on top: clickable
   namespaces.forEach((ns, i) => {
     const x = 90 + i * 210;
     const t = el("text", {x: x - 40, y: 24, class: "ns", "data-namespace": ns}, podsG);
