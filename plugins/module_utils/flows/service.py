@@ -39,6 +39,10 @@ def unit_text(bundle, config_path, default_config_path, bundle_sha256=None):
             "ExecStart=/usr/bin/python3 %s agent\n"
             "Restart=always\n"
             "RestartSec=1\n"
+            "# observability yields to the traffic: under CPU contention the agent falls behind and the events the\n"
+            "# ring buffer has no room for are counted as lost (netstack_flow_events_lost_total), never waited for\n"
+            "Nice=19\n"
+            "CPUSchedulingPolicy=batch\n"
             "\n"
             "[Install]\n"
             "WantedBy=%s\n") % (bundle_sha256 or "unknown", env, bundle, WANTED_BY)
