@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: kldload.netstack contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The network map page ``netstack relay`` serves at ``/``: the pods as nodes grouped by namespace (one column each),
+"""The network map page ``netstack relay`` serves at ``/``: the pods as nodes grouped by namespace (a ring each),
 the flows between them as edges - green when forwarded, red when any recent flow of the pair was dropped - updated
 every two seconds from the relay's ``/api/pods`` and ``/api/flows``; a click on an edge lists its recent flows.
 One static page, no external resources (the nodes and the controller may have no route out). No Ansible imports.
@@ -70,22 +70,27 @@ function draw(pods, flows) {
   const namespaces = Object.keys(byNs).sort(), pos = {};
   let maxRows = 0;
   const podsG = el("g", {id: "pods"}, svg), edgesG = el("g", {id: "edges"}, svg);   // edges on top: clickable
-  namespaces.forEach((ns, i) => {
-    const x = 90 + i * 210;
-    const t = el("text", {x: x - 40, y: 24, class: "ns", "data-namespace": ns}, podsG);
+  let left = 170;                                 // room for the labels on the left of a ring
+  namespaces.forEach(ns => {                       // each namespace a ring of its pods, side by side
+    const list = byNs[ns].sort((a, b) => a.name < b.name ? -1 : 1), n = list.length;
+    const r = n > 1 ? Math.max(70, n * 26) : 0, cx = left + r + 20, cy = 70 + r;
+    const t = el("text", {x: cx - 30, y: 24, class: "ns", "data-namespace": ns}, podsG);
     t.textContent = ns;
-    byNs[ns].sort((a, b) => a.name < b.name ? -1 : 1).forEach((p, j) => {
-      const y = 60 + j * 56, k = p.namespace + "/" + p.name;
+    list.forEach((p, j) => {
+      const a = -Math.PI / 2 + 2 * Math.PI * j / Math.max(1, n), x = cx + r * Math.cos(a), y = cy + r * Math.sin(a);
+      const k = p.namespace + "/" + p.name;
       pos[k] = [x, y];
       const g = el("g", {class: "pod", "data-pod": k, "data-node": p.node || ""}, podsG);
       el("circle", {cx: x, cy: y, r: 14}, g);
-      const label = el("text", {x: x + 18, y: y + 4}, g);
+      const label = el("text", {x: Math.cos(a) < -0.2 ? x - 18 : x + 18, y: y + 4,
+                                "text-anchor": Math.cos(a) < -0.2 ? "end" : "start"}, g);
       label.textContent = p.name + (p.node ? " @" + p.node : "");
-      maxRows = Math.max(maxRows, j + 1);
     });
+    left = cx + r + 340;
+    maxRows = Math.max(maxRows, cy + r + 40);
   });
-  svg.setAttribute("width", Math.max(600, 160 + namespaces.length * 210));
-  svg.setAttribute("height", Math.max(300, 100 + maxRows * 56));
+  svg.setAttribute("width", Math.max(600, left));
+  svg.setAttribute("height", Math.max(300, maxRows));
   const edges = {};
   flows.forEach(r => {
     const s = key(r.flow.source), d = key(r.flow.destination);
@@ -97,7 +102,7 @@ function draw(pods, flows) {
   });
   Object.keys(edges).sort().forEach(id => {
     const e = edges[id], a = pos[e.src], b = pos[e.dst];
-    const mx = (a[0] + b[0]) / 2 + (a[1] - b[1]) * 0.2 + 30, my = (a[1] + b[1]) / 2 + (b[0] - a[0]) * 0.2 - 10;
+    const mx = (a[0] + b[0]) / 2 + (a[1] - b[1]) * 0.15, my = (a[1] + b[1]) / 2 + (b[0] - a[0]) * 0.15;
     const p = el("path", {d: "M" + a[0] + "," + a[1] + " Q" + mx + "," + my + " " + b[0] + "," + b[1],
                           class: "edge " + (e.dropped ? "dropped" : "forwarded"), "data-edge": id,
                           "data-verdict": e.dropped ? "DROPPED" : "FORWARDED", "data-flows": e.n}, edgesG);
