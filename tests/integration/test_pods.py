@@ -212,7 +212,8 @@ def test_legacy_host_routing_forwards_through_the_stack(installed):
         run_playbook("playbooks/install.yml", *legacy)
         assert "kln_from_netdev" not in lab.sh(host, "bpftool net show dev %s" % under).stdout
         assert "kln_from_container" not in lab.sh(a["host"], "bpftool net show dev %s" % a["ep"]["host_interface"]).stdout
-        assert lab.sh(host, "ls /sys/fs/bpf/kldload-netstack").stdout.split() == ["globals", "nodeport", "sock_lb"]   # the edge LB stays
+        # the edge LB and the pods' policy stay: only BPF host routing (host, lxc) goes
+        assert lab.sh(host, "ls /sys/fs/bpf/kldload-netstack").stdout.split() == ["globals", "nodeport", "policy", "sock_lb"]
         again = run_playbook("playbooks/install.yml", *legacy)
         assert all(c == 0 for c in _recap(again).values()), changed_tasks(again)
         check = run_playbook("playbooks/install.yml", *legacy, "--check")
