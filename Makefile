@@ -6,7 +6,7 @@ LAB_INVENTORY := /var/lib/kldload-netstack/lab/inventory.yml
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: setup node collection lab lab-up lab-down install verify uninstall test unit lint sanity integration molecule clean
+.PHONY: setup node collection lab lab-up lab-down install verify uninstall test test-all unit lint sanity integration molecule clean
 
 setup:
 	bash scripts/setup.sh
@@ -38,6 +38,10 @@ install verify uninstall:
 ## The whole test suite: unit, lint, sanity, integration on the lab, molecule (ends with the lab down).
 test: setup
 	bash scripts/test.sh
+
+## The default tier plus the integration tests marked extended (README: Tests).
+test-all: setup
+	NETSTACK_TESTS=all bash scripts/test.sh
 
 unit:
 	$(VENV)/pytest -q tests/unit

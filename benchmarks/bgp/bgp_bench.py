@@ -28,7 +28,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
-EXAMPLES = os.path.join(os.path.dirname(REPO), "shared", "examples")
+EXAMPLES = os.path.join(REPO, "tests", "fixtures", "bgp")      # ../shared/examples/ as written
 ROUTER_NS = "kln-router1"
 NEW = "192.168.10.201"
 CLIENT = r"""

@@ -203,7 +203,8 @@ def main():
     try:
         want = _state(p) if p["state"] == "present" else node.default_state()
         before = node.read_state(p["state_path"])
-        if p["state"] == "present" or os.path.exists(p["config_path"]):
+        # check mode on a node the dataplane role has not set up yet: nothing to read, everything would change
+        if os.path.exists(p["config_path"]) or (p["state"] == "present" and not check):
             cfg = runtime.read_config(p["config_path"])
     except (PolicyError, runtime.ConfigError) as e:
         module.fail_json(msg=str(e))
@@ -215,7 +216,7 @@ def main():
         if cfg is not None and node.OBJECT in [o["name"] for o in cfg["objects"]]:
             res = node.apply(runtime.globals_dir(cfg), want, cni.list_endpoints(), cfg["pods"], check=check,
                              tunnel=node.TUNNEL_OBJECT in [o["name"] for o in cfg["objects"]])
-        elif p["state"] == "present":
+        elif p["state"] == "present" and cfg is not None:
             module.fail_json(msg="%s: the dataplane of this node has no %s object (the dataplane role loads it on a node "
                                  "with pods)" % (p["config_path"], node.OBJECT))
         if not check:

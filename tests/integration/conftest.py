@@ -16,6 +16,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
+# The suite CI runs (make test) must stay under 45 minutes on one lab; the extended tier (make test-all,
+# NETSTACK_TESTS=all) adds the tests marked ``extended``: deeper variants of capabilities whose main path the
+# default tier covers (docs/testing.md lists them).
+EXTENDED = os.environ.get("NETSTACK_TESTS") == "all"
 STATE_DIR = Path(os.environ.get("NETSTACK_LAB_STATE_DIR", "/var/lib/kldload-netstack/lab"))
 INVENTORY = STATE_DIR / "inventory.yml"
 
@@ -190,6 +194,19 @@ class Streams:
 
     def close(self):
         self.lab.sh(self.b["host"], "kill %s" % self.srv, check=False)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "extended: runs only with NETSTACK_TESTS=all (make test-all), not in CI")
+
+
+def pytest_collection_modifyitems(config, items):
+    if EXTENDED:
+        return
+    skip = pytest.mark.skip(reason="extended tier: NETSTACK_TESTS=all (make test-all)")
+    for item in items:
+        if "extended" in item.keywords:
+            item.add_marker(skip)
 
 
 def _lab_reachable():

@@ -27,9 +27,12 @@ def _request(lab, src, dst, check=True):
 
 
 def _captured(lab, host, fn):
-    """Run fn() while tcpdump records IPv4 on the node's underlay; (summary lines, ASCII dump)."""
+    """Run fn() while tcpdump records IPv4 between the nodes on the node's underlay (not the LAN router's BFD and
+    BGP: its own business); (summary lines, ASCII dump)."""
     dev = lab.hostvars[host]["netstack_underlay_interface"]
-    lab.sh(host, "rm -f %s; (timeout 20 tcpdump -i %s -nn -U -w %s ip >/dev/null 2>&1 &); sleep 1" % (PCAP, dev, PCAP))
+    nodes = " or ".join(lab.hostvars[h]["netstack_underlay_ip"] for h in lab.hosts())
+    filt = shlex.quote("ip and src host (%s) and dst host (%s)" % (nodes, nodes))
+    lab.sh(host, "rm -f %s; (timeout 20 tcpdump -i %s -nn -U -w %s %s >/dev/null 2>&1 &); sleep 1" % (PCAP, dev, PCAP, filt))
     try:
         fn()
     finally:
@@ -75,7 +78,7 @@ def test_install_four_times_and_status(encrypted):
     assert "userspace backend, %d peers" % (len(nodes) - 1) in verify.stdout
 
 
-@pytest.mark.parametrize("mode", ["native", "tunnel"])
+@pytest.mark.parametrize("mode", [pytest.param("native", marks=pytest.mark.extended), "tunnel"])
 def test_pod_traffic_across_nodes_is_encrypted(encrypted, mode):
     lab = encrypted
     run_playbook("playbooks/install.yml", *ON, "-e", "netstack_routing_mode=%s" % mode)
@@ -90,6 +93,7 @@ def test_pod_traffic_across_nodes_is_encrypted(encrypted, mode):
     assert MARKER not in dump
 
 
+@pytest.mark.extended
 def test_verify_names_the_node_and_the_peer_without_a_handshake(encrypted):
     """A peer whose key is wrong (a stranger's, the endpoint and allowed IPs of a real node) never makes a
     handshake: verify fails naming this node and that peer; the next install puts the right key back."""
@@ -110,6 +114,7 @@ def test_verify_names_the_node_and_the_peer_without_a_handshake(encrypted):
                                          json.loads(lab.sh(w, "netstack encrypt status --json").stdout)["peers"])
 
 
+@pytest.mark.extended
 def test_strict_mode_drops_instead_of_leaking(encrypted):
     lab = encrypted
     strict = ON + ("-e", "netstack_encryption_strict=true", "-e", "netstack_routing_mode=native")
@@ -132,6 +137,7 @@ def test_strict_mode_drops_instead_of_leaking(encrypted):
     assert _request(lab, a, b).stdout.strip() == MARKER
 
 
+@pytest.mark.extended
 def test_encryption_off_again_shows_the_control(encrypted):
     """Encryption off: the device and its unit go, and the same capture now sees the marker (so the
     capture above could have seen it)."""
@@ -163,10 +169,11 @@ KEYS = "/var/lib/kldload-netstack/wireguard/kln_wg0"
 
 
 @pytest.mark.parametrize("extra,message", [
-    (("-e", "encryption_port=51999"), "listen_port: UDP 51999 is in use"),
-    (("-e", "netstack_encryption_interface=kln_wireguard_0123"), "is not an interface name"),
+    pytest.param(("-e", "encryption_port=51999"), "listen_port: UDP 51999 is in use", marks=pytest.mark.extended),
+    pytest.param(("-e", "netstack_encryption_interface=kln_wireguard_0123"), "is not an interface name",
+                 marks=pytest.mark.extended),
     (("-e", "netstack_underlay_ip="), "encryption needs netstack_underlay_ip"),
-    ((), "the same key"),
+    pytest.param((), "the same key", marks=pytest.mark.extended),
 ], ids=["port-in-use", "name-too-long", "no-underlay-address", "two-nodes-same-key"])
 def test_bad_input_changes_nothing(encrypted, extra, message):
     """Refused naming the field; the running tunnel untouched."""
@@ -202,6 +209,7 @@ def test_bad_input_changes_nothing(encrypted, extra, message):
 N2N = ON + ("-e", "netstack_encryption_node_to_node=true", "-e", "netstack_routing_mode=native")
 
 
+@pytest.mark.extended
 def test_node_to_node_traffic_is_encrypted_too(encrypted):
     """With node-to-node on, a node's own request to another node's address crosses the underlay as
     WireGuard only (the rule skips the device's own marked packets, which still reach the peer); four
@@ -247,6 +255,7 @@ def _keys(lab):
     return {h: lab.sh(h, "cat /var/lib/kldload-netstack/wireguard/kln_wg0/public.key").stdout.strip() for h in lab.hosts()}
 
 
+@pytest.mark.extended
 def test_rotate_keys_loses_nothing(encrypted):
     """rotate_keys.yml during continuous pod traffic between two nodes: 0 UDP datagrams lost, 0 TCP
     errors or resets, every node's key new, the previous keys off the disk, the standby device gone,

@@ -2,6 +2,8 @@
 import re
 import subprocess
 
+import pytest
+
 from conftest import REPO, changed_tasks, run_playbook
 
 
@@ -31,6 +33,7 @@ def test_unknown_requirement_name_is_an_error(lab):
     assert proc.returncode != 0 and "unknown requirement(s) kube_proxy_replacment" in proc.stdout
 
 
+@pytest.mark.extended
 def test_install_stops_a_host_kube_proxy_and_is_idempotent(lab):
     host = lab.hosts("kube_workers")[-1]
     lab.put(host, "/etc/systemd/system/kube-proxy.service",

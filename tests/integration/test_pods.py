@@ -177,7 +177,7 @@ def _bulk_and_big_datagrams(lab, mode):
             _forwarded(lab, h, "delete")
 
 
-@pytest.mark.parametrize("mode", ["tunnel", "native"])
+@pytest.mark.parametrize("mode", ["tunnel", pytest.param("native", marks=pytest.mark.extended)])
 def test_pods_reach_pods_nodes_and_services_across_nodes(installed, mode):
     lab = installed
     proc = run_playbook("playbooks/install.yml", "-e", "netstack_routing_mode=%s" % mode)
@@ -194,6 +194,7 @@ def test_pods_reach_pods_nodes_and_services_across_nodes(installed, mode):
     assert proc.returncode == 0
 
 
+@pytest.mark.extended
 def test_legacy_host_routing_forwards_through_the_stack(installed):
     """netstack_host_routing=legacy, four times (check, apply, apply, check): the host and lxc objects and
     the pods' links go, pods still reach pods across nodes, now through the nodes' IP forwarding; back
@@ -212,7 +213,8 @@ def test_legacy_host_routing_forwards_through_the_stack(installed):
         run_playbook("playbooks/install.yml", *legacy)
         assert "kln_from_netdev" not in lab.sh(host, "bpftool net show dev %s" % under).stdout
         assert "kln_from_container" not in lab.sh(a["host"], "bpftool net show dev %s" % a["ep"]["host_interface"]).stdout
-        assert lab.sh(host, "ls /sys/fs/bpf/kldload-netstack").stdout.split() == ["globals", "nodeport", "sock_lb"]   # the edge LB stays
+        # the edge LB and the pods' policy stay: only BPF host routing (host, lxc) goes
+        assert lab.sh(host, "ls /sys/fs/bpf/kldload-netstack").stdout.split() == ["globals", "nodeport", "policy", "sock_lb"]
         again = run_playbook("playbooks/install.yml", *legacy)
         assert all(c == 0 for c in _recap(again).values()), changed_tasks(again)
         check = run_playbook("playbooks/install.yml", *legacy, "--check")
@@ -330,6 +332,7 @@ def test_verify_checks_workloads_and_is_quiet(installed):
     assert "web-" in proc.stdout
 
 
+@pytest.mark.extended
 def test_pod_network_benchmark_smoke(installed):
     """The benchmark's quick run: every case carries traffic in both modes and with WireGuard (BPF host routing
     only: legacy has its own test above; figures: docs/performance.md)."""

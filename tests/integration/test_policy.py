@@ -4,7 +4,6 @@ the policy role, and every case checked as a full from-pod x to-pod matrix of re
 holds the expected reachability, modelled on the Kubernetes e2e network policy tests). Denied connections must
 time out (dropped, not refused) and show up as counted drops with their reason."""
 import json
-import os
 import shlex
 import sys
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PROBE, PROBE_PATH, REPO, Streams, changed_tasks, run_playbook
+from conftest import EXTENDED, PROBE, PROBE_PATH, REPO, Streams, changed_tasks, run_playbook
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import policy_cases as pc  # noqa: E402
@@ -25,7 +24,7 @@ PLACEMENT = {"x/a": "cp1", "x/b": "worker1", "x/c": "worker2", "y/a": "worker1",
              "z/a": "worker2", "z/b": "cp1", "z/c": "worker1"}
 PRODUCTION = [("frontend", "cp1", {"app": "frontend"}), ("backend", "worker1", {"app": "backend"}),
               ("other", "worker2", {"app": "other"})]
-# the cases run on every CI run (NETSTACK_POLICY_ALL_CASES=1 runs every case of tests/policy_cases.py)
+# the cases run on every CI run (the extended tier, NETSTACK_TESTS=all, runs every case of tests/policy_cases.py)
 TUNNEL_CASES = ["default-deny-ingress", "default-deny-egress", "ingress-namespace-and-pod-in-one-peer",
                 "ingress-namespace-or-pod-two-peers", "ingress-match-expressions-notin", "ingress-ipblock-except-pod",
                 "ingress-named-port", "ingress-endport-range-udp", "egress-namespace-z", "policies-unioned",
@@ -40,7 +39,7 @@ def _all_cases():
 
 
 def _case_names(default):
-    return sorted(_all_cases()) if os.environ.get("NETSTACK_POLICY_ALL_CASES") == "1" else default
+    return sorted(_all_cases()) if EXTENDED else default
 
 
 def _vars(lab, routing_mode="tunnel"):

@@ -160,9 +160,11 @@ def test_real_probe_leaves_no_link_behind():
 def test_gather_runs_without_a_module():
     from ansible_collections.kldload.netstack.plugins.module_utils import facts, mounts
 
+    before = mounts.bpf_mounts(mounts.read_mounts())
     found = facts.gather(None, wireguard_probe=False, iptables=False)
+    after = mounts.bpf_mounts(mounts.read_mounts())
     assert found["cgroup2_path"] == mounts.cgroup2_path()
-    assert found["bpffs_mounts"] == mounts.bpf_mounts(mounts.read_mounts())
+    assert found["bpffs_mounts"] in (before, after)     # other tests on the machine may mount one meanwhile
     assert found["wireguard"]["detail"] == "probe disabled (wireguard_probe=false)"
     assert "iptables" not in found and set(found["requirements_unmet"]) <= set(r["name"] for r in found["requirements"])
     if found["bpftool"]["path"]:
