@@ -248,6 +248,25 @@ def _fd_kind(fd):
 
 # ---- maps -------------------------------------------------------------------------------------
 
+def possible_cpus():
+    """The number of possible CPUs: a per-CPU map's value holds one slot for each."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            text = f.read().strip()
+    except (IOError, OSError):
+        return os.cpu_count() or 1
+    n = 0
+    for part in text.split(","):
+        lo, _sep, hi = part.partition("-")
+        n += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return n
+
+
+def percpu_value_size(value_size):
+    """The buffer a lookup or dump of a per-CPU map fills: each CPU's value rounded up to 8 bytes."""
+    return (value_size + 7) // 8 * 8 * possible_cpus()
+
+
 def map_create(map_type, key_size, value_size, max_entries, flags=0, name=""):
     typ = MAP_TYPES[map_type] if not isinstance(map_type, int) else map_type
     nm = name.encode("ascii")[:15]

@@ -237,7 +237,7 @@ class Agent:
                     if info["type"] in OCCUPANCY_TYPES:
                         vs = info["value_size"]
                         if info["type"].startswith("percpu") or info["type"] == "lru_percpu_hash":
-                            vs = ((vs + 7) // 8 * 8) * events.possible_cpus()
+                            vs = bpfsys.percpu_value_size(vs)
                         n = bpfsys.map_dump_raw(fd, info["key_size"], vs, info["max_entries"])[2]
                     out.append((pin, info["max_entries"], n))
             except OSError:

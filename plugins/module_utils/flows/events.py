@@ -146,18 +146,6 @@ def sync_config(globals_dir, flows, check=False):
             % (flows["aggregation"], flows["drop_rate"] or "unlimited")]
 
 
-def possible_cpus():
-    try:
-        with open("/sys/devices/system/cpu/possible") as f:
-            text = f.read().strip()
-    except (IOError, OSError):
-        return os.cpu_count() or 1
-    n = 0
-    for part in text.split(","):
-        lo, _sep, hi = part.partition("-")
-        n += (int(hi) if hi else int(lo)) - int(lo) + 1
-    return n
-
 
 def counters(globals_dir):
     """{emitted, lost, rate_limited} summed over the CPUs (zeros when the map is not pinned)."""
@@ -165,9 +153,8 @@ def counters(globals_dir):
     path = pin(globals_dir, STAT_MAP)
     if not os.path.exists(path):
         return out
-    cpus = possible_cpus()
     with bpfsys.obj_get(path) as fd:
         for name, idx in (("emitted", STAT_EMITTED), ("lost", STAT_LOST), ("rate_limited", STAT_RATE_LIMITED)):
-            raw = bpfsys.map_lookup(fd, struct.pack("=I", idx), 8 * cpus)
+            raw = bpfsys.map_lookup(fd, struct.pack("=I", idx), bpfsys.percpu_value_size(8))
             out[name] = sum(v for (v,) in STAT.iter_unpack(raw)) if raw else 0
     return out

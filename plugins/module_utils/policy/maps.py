@@ -93,19 +93,6 @@ def _ip(raw):
     return socket.inet_ntoa(raw)
 
 
-def possible_cpus():
-    """The number of possible CPUs (per-CPU map values hold one slot each)."""
-    try:
-        with open("/sys/devices/system/cpu/possible") as f:
-            text = f.read().strip()
-    except (IOError, OSError):
-        return os.cpu_count() or 1
-    n = 0
-    for part in text.split(","):
-        lo, _sep, hi = part.partition("-")
-        n += (int(hi) if hi else int(lo)) - int(lo) + 1
-    return n
-
 
 # ---- packing ------------------------------------------------------------------------------------
 
@@ -224,7 +211,7 @@ def read(globals_dir, name):
         return None
     ks, vs = SIZES[name]
     if name == STAT:
-        vs = ((vs + 7) // 8 * 8) * possible_cpus()
+        vs = bpfsys.percpu_value_size(vs)
     with bpfsys.obj_get(path) as fd:
         return dict(bpfsys.map_dump(fd, ks, vs, MAX_ENTRIES[name]))
 
