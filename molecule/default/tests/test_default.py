@@ -61,7 +61,8 @@ def test_pod_network_and_a_ready_pod_on_every_node(host, groups):
     if "kube_nodes" not in groups:
         pytest.skip("not a kube node")
     # external (collect_metadata): the overlay program puts the source identity in each packet's VNI
-    assert "vxlan external id 0 " in host.check_output("ip -d link show kln_vxlan")
+    info = json.loads(host.check_output("ip -j -d link show kln_vxlan"))[0]["linkinfo"]
+    assert info["info_kind"] == "vxlan" and info["info_data"]["external"] is True, info
     assert host.file("/etc/cni/net.d/05-kldload-netstack.conflist").exists
     assert host.file("/usr/lib/cni/netstack-cni").is_symlink
     eps = json.loads(host.check_output("netstack endpoint list --json"))
