@@ -146,7 +146,6 @@ def sync_config(globals_dir, flows, check=False):
             % (flows["aggregation"], flows["drop_rate"] or "unlimited")]
 
 
-
 def counters(globals_dir):
     """{emitted, lost, rate_limited} summed over the CPUs (zeros when the map is not pinned)."""
     out = {"emitted": 0, "lost": 0, "rate_limited": 0}

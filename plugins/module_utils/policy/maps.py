@@ -93,7 +93,6 @@ def _ip(raw):
     return socket.inet_ntoa(raw)
 
 
-
 # ---- packing ------------------------------------------------------------------------------------
 
 def port_prefixes(lo, hi):
