@@ -66,6 +66,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import bisect
 import ipaddress
 
 from ansible_collections.kldload.netstack.plugins.module_utils import labels as _labels
@@ -307,6 +308,9 @@ class _Model(object):
                             prefixes.update(peer["except"])
         self.cidrs = _id.cidr_identities(sorted(prefixes))
         self.cidr_nets = [(ipaddress.IPv4Network(p), i) for p, i in self.cidrs]
+        # ordered by network address: the CIDR identities inside a CIDR are one slice (bisect), not a walk of all
+        self.cidr_nets.sort(key=lambda ni: (int(ni[0].network_address), ni[0].prefixlen))
+        self._cidr_starts = [int(n.network_address) for n, _i in self.cidr_nets]
         for p, i in self.cidrs:
             # as in Cilium, a CIDR identity also carries reserved:world (reserved:world selectors select it)
             self.identities[i] = {"labels": ["cidr:%s" % p, "reserved:world"], "kind": "cidr", "cidr": p}
@@ -340,7 +344,10 @@ class _Model(object):
     def _cidr_set(self, cidr, excepts):
         net = ipaddress.IPv4Network(cidr)
         exs = [ipaddress.IPv4Network(e) for e in excepts]
-        out = set(i for n, i in self.cidr_nets if _inside(n, net) and not any(_inside(n, x) for x in exs))
+        lo = bisect.bisect_left(self._cidr_starts, int(net.network_address))
+        hi = bisect.bisect_right(self._cidr_starts, int(net.broadcast_address))
+        out = set(i for n, i in self.cidr_nets[lo:hi]
+                  if n.prefixlen >= net.prefixlen and not any(_inside(n, x) for x in exs))
         if net.prefixlen == 0:
             out.add(_id.WORLD)
         return frozenset(out)
