@@ -181,14 +181,8 @@ def cmd_observe(args):
     values = dict((name.replace("-", "_"), getattr(args, name.replace("-", "_"))) for name, _h in FILTER_FLAGS)
     values.update(since=args.since, last=args.last, follow=args.follow)
     flt = relay.parse_cli(values)                     # a bad filter is an error before any agent is asked
-    if args.agent:
-        agents = dict((a, a) for a in args.agent)
-    elif args.inventory:
-        try:
-            agents = relay.agents_from_inventory(args.inventory, args.group, args.agent_port)
-        except relay.RelayError as e:
-            sys.exit("netstack observe: %s" % e)
-    else:
+    agents = _named_agents(args, "observe")
+    if agents is None:
         cfg = _config()
         if not cfg.get("agent") or not cfg["agent"]["enabled"]:
             sys.exit("netstack observe: no flow agent on this node (the node configuration has no enabled agent "
@@ -223,18 +217,25 @@ def cmd_observe(args):
         sys.exit("netstack observe: %s" % e)
 
 
+def _named_agents(args, cmd):
+    """The agents named with --agent, or every node's of --inventory; None when neither is given."""
+    from ansible_collections.kldload.netstack.plugins.module_utils.flows import relay
+    if args.agent:
+        return dict((a, a) for a in args.agent)
+    if args.inventory:
+        try:
+            return relay.agents_from_inventory(args.inventory, args.group, args.agent_port)
+        except relay.RelayError as e:
+            sys.exit("netstack %s: %s" % (cmd, e))
+    return None
+
+
 def cmd_relay(args):
     import signal
     import threading
     from ansible_collections.kldload.netstack.plugins.module_utils.flows import relay
-    if args.agent:
-        agents = dict((a, a) for a in args.agent)
-    elif args.inventory:
-        try:
-            agents = relay.agents_from_inventory(args.inventory, args.group, args.agent_port)
-        except relay.RelayError as e:
-            sys.exit("netstack relay: %s" % e)
-    else:
+    agents = _named_agents(args, "relay")
+    if agents is None:
         sys.exit("netstack relay: name the agents with --inventory or --agent")
     if not re.match(r"^[0-9]+(s|m|h|d)$", args.window):
         sys.exit("netstack relay: --window: %r is not a duration (30s, 5m, 2h)" % args.window)
