@@ -294,6 +294,18 @@ def map_update(fd, key, value, flags=0):
     sys_bpf(MAP_UPDATE_ELEM, _attr((0, "I", fd), (8, "Q", _addr(k)), (16, "Q", _addr(v)), (24, "Q", flags)))
 
 
+def map_sync(path, key, value, check=False):
+    """One entry of the pinned map at ``path`` made ``value`` when it differs (not in check mode): the value it
+    had (None when absent) and whether it differed."""
+    with obj_get(path) as fd:
+        have = map_lookup(fd, key, len(value))
+        if have == value:
+            return have, False
+        if not check:
+            map_update(fd, key, value)
+    return have, True
+
+
 def map_delete(fd, key):
     """Delete one key; False if it was not there."""
     k = ctypes.create_string_buffer(key, len(key))

@@ -86,13 +86,9 @@ def sync(pin_path, section, pods, host_routing, check=False):
     path = map_path(pin_path)
     if not os.path.exists(path):
         return ["nodeport: %s" % describe(want)] if check else _raise(path)
-    key = struct.pack("=I", 0)
-    with bpfsys.obj_get(path) as fd:
-        have = bpfsys.map_lookup(fd, key, CONFIG_FMT.size)
-        if have == want:
-            return []
-        if not check:
-            bpfsys.map_update(fd, key, want)
+    have, differs = bpfsys.map_sync(path, struct.pack("=I", 0), want, check=check)
+    if not differs:
+        return []
     return ["nodeport: %s (was %s)" % (describe(want), describe(have) if have and have.strip(b"\0") else "unset")]
 
 

@@ -132,14 +132,8 @@ def sync_config(globals_dir, flows, check=False):
     path = pin(globals_dir, CONFIG_MAP)
     if not os.path.exists(path):
         return []
-    want = config_value(flows)
-    key = struct.pack("=I", 0)
-    with bpfsys.obj_get(path) as fd:
-        have = bpfsys.map_lookup(fd, key, CONFIG.size)
-        if have == want:
-            return []
-        if not check:
-            bpfsys.map_update(fd, key, want)
+    if not bpfsys.map_sync(path, struct.pack("=I", 0), config_value(flows), check=check)[1]:
+        return []
     if not flows or not flows.get("enabled"):
         return ["flow events off (kln_flow_config)"]
     return ["flow events on: aggregation %s, drop events at most %s/s per reason and CPU (kln_flow_config)"
