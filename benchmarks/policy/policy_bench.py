@@ -11,13 +11,18 @@
 - the time to apply 1,000 policies to the endpoints of a node and one policy change among them, through the
   node's own apply (the library the module and the CNI plugin call; target <= 1 s and <= 50 ms).
 
-  benchmarks/policy/run [--quick] [--seconds N] [--connections N] [--inventory PATH] [--json]
+  benchmarks/policy/run [--quick] [--rounds N] [--seconds N] [--connections N] [--inventory PATH] [--json]
+
+The rule counts are measured interleaved (0, 1000, 100 rules, then again, --rounds times) and each count's
+rate is the median of its rounds; the throughput with the programs is the mean of a run before and one after
+the run without them; one policy change is timed five times (median and max).
 
 Needs the lab up with install.yml applied; leaves it as the inventory says (policies of the inventory, policy on).
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +34,7 @@ import pod_network as pn  # noqa: E402
 
 PORT = pn.SERVER_PORT
 APPLY = os.path.join(REPO, "tests", "integration", "policy_apply.yml")
+COUNTS = (0, 1000, 100)
 
 TIMING = r"""
 import json, sys, time
@@ -50,19 +56,29 @@ def policies(changed=-1):
                     "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "198.18.%d.%d/32" % (i // 250, i % 250)}}],
                                                              "ports": [{"port": port, "protocol": "TCP"}]}]}})
     return out
+validate = []
 def run(pols):
-    st = node.validate_state(dict(saved, policies=pols))
     t0 = time.perf_counter()
+    st = node.validate_state(dict(saved, policies=pols))
+    t1 = time.perf_counter()
     res = node.apply(gdir, st, cni.list_endpoints(), cfg["pods"], tunnel="overlay" in [o["name"] for o in cfg["objects"]])
-    return time.perf_counter() - t0, res
+    validate.append(t1 - t0)
+    return time.perf_counter() - t1, res
 try:
     node.apply(gdir, saved, cni.list_endpoints(), cfg["pods"], tunnel="overlay" in [o["name"] for o in cfg["objects"]])
     full, res = run(policies())
     entries = sum(len(e["entries"]) for e in res["output"]["endpoints"].values())
-    change, res2 = run(policies(changed=n // 2))
-    same, res3 = run(policies(changed=n // 2))
+    changes = []
+    for k in range(5):      # five different single changes, each from the full set
+        change, res2 = run(policies(changed=n // 2 + k))
+        assert len(res2["diff"]) == 2 and res2["changed"], res2["diff"]
+        changes.append(change)
+        run(policies())
+    same, res3 = run(policies())
+    changes.sort()
     print(json.dumps({"policies": n, "endpoints": res["endpoints"], "entries": entries, "apply_s": full,
-                      "change_s": change, "change_lines": len(res2["diff"]), "again_s": same, "again_changed": res3["changed"]}))
+                      "change_s": changes[len(changes) // 2], "change_max_s": changes[-1], "change_lines": len(res2["diff"]),
+                      "again_s": same, "again_changed": res3["changed"], "validate_s": sorted(validate)[len(validate) // 2]}))
 finally:
     node.apply(gdir, saved, cni.list_endpoints(), cfg["pods"], tunnel="overlay" in [o["name"] for o in cfg["objects"]])
 """
@@ -102,10 +118,11 @@ def main(argv=None):
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=3000)
     ap.add_argument("--inventory", default="/var/lib/kldload-netstack/lab/inventory.yml")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the interleaved rule counts (default 3)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
-        args.seconds, args.connections = 2, 300
+        args.seconds, args.connections, args.rounds = 2, 300, 1
     lab = pn.Lab(args.inventory)
     a, b = lab.nodes[0], lab.nodes[1]
     client = [p for p in lab.pods(a) if p.get("state") == "ready"][0]
@@ -114,17 +131,28 @@ def main(argv=None):
     sip = server["ips"][0].split("/")[0]
     out = {"pair": "%s/%s on %s -> %s/%s on %s" % (client["namespace"], client["name"], a, server["namespace"],
                                                    server["name"], b), "rates": {}, "apply": None}
+    samples = dict((n, []) for n in COUNTS)
     try:
-        for n in (0, 100, 1000):
-            apply_policies(lab, rules_yaml(n, client["namespace"], server, client) if n else [])
-            out["rates"][n] = max(pn.conn_rate(lab, sv, cl, sip, PORT, args.connections)[0],
-                                  pn.conn_rate(lab, sv, cl, sip, PORT, args.connections)[0])
+        # the rule counts interleaved, round after round (the machine's drift hits each count alike);
+        # each count's rate is the median over the rounds of the best of two runs
+        for _r in range(args.rounds):
+            for n in COUNTS:
+                apply_policies(lab, rules_yaml(n, client["namespace"], server, client) if n else [])
+                samples[n].append(max(pn.conn_rate(lab, sv, cl, sip, PORT, args.connections)[0],
+                                      pn.conn_rate(lab, sv, cl, sip, PORT, args.connections)[0]))
+        out["rates"] = dict((n, statistics.median(v)) for n, v in samples.items())
+        out["rate_samples"] = samples
         apply_policies(lab, [])
-        out["throughput_policy"] = pn.iperf(lab, sv, cl, sip, args.seconds)
+        # throughput on, off, on again: the programs' figure is the mean of the two around the one without
+        on = [pn.iperf(lab, sv, cl, sip, args.seconds)]
         timing = lab.sh(b, "python3 - %d <<'EOF'\n%s\nEOF" % (100 if args.quick else 1000, TIMING))
         out["apply"] = json.loads(timing.strip().splitlines()[-1])
         lab.playbook("-e", "netstack_policy_enforcement=false")
         out["throughput_plain"] = pn.iperf(lab, sv, cl, sip, args.seconds)
+        lab.playbook()
+        on.append(pn.iperf(lab, sv, cl, sip, args.seconds))
+        out["throughput_policy"] = (sum(t[0] for t in on) / len(on), sum(t[1] for t in on) / len(on))
+        out["throughput_policy_runs"] = [t[0] for t in on]
     finally:
         lab.playbook()
         apply_policies(lab, [])
@@ -133,17 +161,19 @@ def main(argv=None):
         print(json.dumps(out, indent=1, sort_keys=True))
         return
     print("policy benchmark, %s" % out["pair"])
-    print("%-44s %12s %8s" % ("new connections/s (best of 2 runs)", "rate", "ratio"))
+    print("%-44s %12s %8s" % ("new connections/s (median of %d rounds)" % args.rounds, "rate", "ratio"))
     for n, r in sorted(out["rates"].items()):
-        print("%-44s %12.0f %8.3f" % ("%d rules on the pair" % n, r, r / base if base else 0))
+        print("%-44s %12.0f %8.3f   rounds: %s" % ("%d rules on the pair" % n, r, r / base if base else 0,
+                                                 " ".join("%.0f" % x for x in out["rate_samples"][n])))
     tp, tn = out["throughput_policy"][0], out["throughput_plain"][0]
     print("%-44s %12.2f %8s" % ("TCP Gbit/s without the policy programs", tn, "1.000"))
-    print("%-44s %12.2f %8.3f" % ("TCP Gbit/s with them (no rule)", tp, tp / tn if tn else 0))
+    print("%-44s %12.2f %8.3f" % ("TCP Gbit/s with them (no rule; before, after)", tp, tp / tn if tn else 0))
+    print("%-44s %s" % ("  runs with them", " ".join("%.2f" % x for x in out["throughput_policy_runs"])))
     t = out["apply"]
-    print("apply %d policies (%d entries on %d endpoints): %.3f s; one policy changed: %.3f s (%d diff lines); "
-          "the same again: %.3f s (changed %s)"
-          % (t["policies"], t["entries"], t["endpoints"], t["apply_s"], t["change_s"], t["change_lines"], t["again_s"],
-             t["again_changed"]))
+    print("apply %d policies (%d entries on %d endpoints): %.3f s; one policy changed: %.3f s (median of 5, max %.3f; "
+          "%d diff lines); the same again: %.3f s (changed %s); validating the %d documents before each: %.3f s"
+          % (t["policies"], t["entries"], t["endpoints"], t["apply_s"], t["change_s"], t["change_max_s"], t["change_lines"],
+             t["again_s"], t["again_changed"], t["policies"], t["validate_s"]))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,12 @@ def test_compile_takes_documents_too():
     assert out["endpoints"]["shop/web-1"]["egress_enforced"]
     with pytest.raises(P.PolicyError):
         C.compile_node([{"kind": "Nope"}], CLUSTER)
+    # validated once (what node.validate_state keeps): the same list of documents, compiled without parsing again
+    validated = P.validated(docs)
+    assert validated == docs and json.loads(json.dumps(validated)) == docs
+    assert C.compile_node(validated, CLUSTER) == out
+    with pytest.raises(P.PolicyError, match="Nope"):
+        P.validated([{"kind": "Nope"}])
 
 
 def test_selector_expansion_entities_and_cidrs():

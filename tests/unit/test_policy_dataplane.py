@@ -200,7 +200,10 @@ def dp(tmp_path):
 def test_without_policies_everything_passes_and_local_delivery_is_marked(dp):
     res = dp.apply(_state())
     assert res["changed"] and res["endpoints"] == 3
+    written = os.stat(dp.compiled)
     assert dp.apply(_state())["changed"] is False                       # the same again: nothing written
+    again = os.stat(dp.compiled)
+    assert (again.st_ino, again.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     assert dp.run("kln_pol_from_container", tcp(CLIENT, SERVER, 40000, 8080)) == (TCX_NEXT, 0x4c)
     assert dp.run("kln_pol_from_container", tcp(CLIENT, "10.244.2.9", 40000, 8080)) == (TCX_NEXT, 0)
     assert dp.run("kln_pol_to_container", tcp(CLIENT, SERVER, 40000, 8080), mark=0x4c) == (TCX_NEXT, 0)

@@ -6,8 +6,9 @@
 ``compile_node(policies, cluster, node=None, known=None)`` -> the output for one node (default
 ``cluster["local_node"]``); ``compile_all(policies, cluster, known=None)`` -> ``{node: output}`` for
 every node (one selector cache for all); ``diff(old, new)`` -> text lines. ``policies``: what
-``parse.normalize`` returned, or policy documents (normalized here). ``known``: an existing
-``{id: labels}`` table (e.g. the last output's ``identities``) whose endpoint identities are kept.
+``parse.normalize`` returned, ``parse.Documents`` (``node.validate_state``'s: parsed once), or policy
+documents (normalized here). ``known``: an existing ``{id: labels}`` table (e.g. the last output's
+``identities``) whose endpoint identities are kept.
 
 Input ``cluster``::
 
@@ -68,6 +69,7 @@ __metaclass__ = type
 
 import bisect
 import ipaddress
+import operator
 
 from ansible_collections.kldload.netstack.plugins.module_utils import labels as _labels
 from ansible_collections.kldload.netstack.plugins.module_utils.policy import identity as _id
@@ -222,6 +224,9 @@ def prepare_cluster(cluster):
 
 
 def _as_policies(policies):
+    parsed = getattr(policies, "policies", None)     # parse.Documents: validated already
+    if parsed is not None:
+        return parsed
     policies = policies or []
     if all(isinstance(p, dict) and "specs" in p and "label" in p for p in policies):
         return policies
@@ -307,7 +312,7 @@ class _Model(object):
                             prefixes.add(peer["cidr"])
                             prefixes.update(peer["except"])
         self.cidrs = _id.cidr_identities(sorted(prefixes))
-        self.cidr_nets = [(ipaddress.IPv4Network(p), i) for p, i in self.cidrs]
+        self.cidr_nets = [(_id.network(p), i) for p, i in self.cidrs]
         # ordered by network address: the CIDR identities inside a CIDR are one slice (bisect), not a walk of all
         self.cidr_nets.sort(key=lambda ni: (int(ni[0].network_address), ni[0].prefixlen))
         self._cidr_starts = [int(n.network_address) for n, _i in self.cidr_nets]
@@ -342,8 +347,8 @@ class _Model(object):
         return got
 
     def _cidr_set(self, cidr, excepts):
-        net = ipaddress.IPv4Network(cidr)
-        exs = [ipaddress.IPv4Network(e) for e in excepts]
+        net = _id.network(cidr)
+        exs = [_id.network(e) for e in excepts]
         lo = bisect.bisect_left(self._cidr_starts, int(net.network_address))
         hi = bisect.bisect_right(self._cidr_starts, int(net.broadcast_address))
         out = set(i for n, i in self.cidr_nets[lo:hi]
@@ -371,8 +376,8 @@ class _Model(object):
         if "cidr" in peer:
             if not peer["by_address"]:
                 return ()
-            net = ipaddress.IPv4Network(peer["cidr"])
-            exs = [ipaddress.IPv4Network(e) for e in peer["except"]]
+            net = _id.network(peer["cidr"])
+            exs = [_id.network(e) for e in peer["except"]]
             out = set()
             for e in self.cluster["endpoints"]:
                 for ip in e["ips"]:
@@ -518,8 +523,7 @@ def describe_entry(e, identities):
                                                  addr, _ports_text(e), e["rule"])
 
 
-def _entry_key(e):
-    return tuple(e[k] for k in _ENTRY_KEYS)
+_entry_key = operator.itemgetter(*_ENTRY_KEYS)
 
 
 def diff(old, new):
@@ -546,6 +550,8 @@ def diff(old, new):
                 lines.append("%s: %s now isolated (default deny)" % (key, d))
             elif was and not now:
                 lines.append("%s: %s no longer isolated (default allow)" % (key, d))
+        if (o.get("entries") or []) == (n.get("entries") or []):
+            continue
         old_entries = dict((_entry_key(e), e) for e in o.get("entries") or [])
         new_entries = dict((_entry_key(e), e) for e in n.get("entries") or [])
         for k in sorted(set(old_entries) | set(new_entries)):

@@ -28,6 +28,7 @@ import socket
 import struct
 
 from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys, manifest
+from ansible_collections.kldload.netstack.plugins.module_utils.policy import identity as _id
 
 EP = "kln_policy_ep4"
 POLICY = "kln_policy4"
@@ -86,7 +87,7 @@ def pinned(globals_dir, name=EP):
 
 
 def _packed(ip):
-    return ipaddress.IPv4Address(u"%s" % ip).packed
+    return socket.inet_pton(socket.AF_INET, "%s" % ip)
 
 
 def _ip(raw):
@@ -158,11 +159,16 @@ def endpoint_keys(ep_ip, entries, rules):
 
 
 def pack_key(ep_ip, ident, egress, var, gen):
-    length, bits = var
-    proto = bits >> 16
-    port = bits & 0xffff
-    dirgen = (1 if egress else 0) | (2 if gen else 0)
-    return POL_KEY.pack(PREFIX_ANY_PROTO + length, _packed(ep_ip), ident, dirgen, proto, struct.pack("!H", port))
+    return pack_keys(ep_ip, [(ident, egress, var)], gen)[0]
+
+
+def pack_keys(ep_ip, keys, gen):
+    """The kln_policy4 keys of one endpoint's (identity key, egress, (length, bits)) in one generation."""
+    ep = _packed(ep_ip)
+    g = 2 if gen else 0
+    port = struct.Struct("!H").pack
+    return [POL_KEY.pack(PREFIX_ANY_PROTO + length, ep, ident, (1 if egress else 0) | g, bits >> 16, port(bits & 0xffff))
+            for ident, egress, (length, bits) in keys]
 
 
 def unpack_key(raw):
@@ -179,9 +185,9 @@ def prefix_entries(pairs):
     """{LPM key: value} of [[prefix, identity], ...] (the compiler's ipcache and cidrs)."""
     out = {}
     for prefix, ident in pairs:
-        net = ipaddress.ip_network(u"%s" % prefix)
-        if net.version != 4:
+        if ":" in prefix:
             continue
+        net = _id.network(prefix)
         out[IPC_KEY.pack(net.prefixlen, net.network_address.packed)] = IPC_VALUE.pack(ident, 0)
     return out
 
@@ -327,15 +333,16 @@ def sync_endpoints(globals_dir, want, check=False, prune=True):
             if check:
                 continue
             new_gen = not gen if old is not None else False
-            for k in cur.get(new_gen, {}):           # leftovers of an interrupted swap
-                bpfsys.map_delete(pfd, pack_key(ip, k[0], k[1], k[2], new_gen))
-            for k, (deny, rid) in sorted(w["keys"].items()):
-                bpfsys.map_update(pfd, pack_key(ip, k[0], k[1], k[2], new_gen), POL_VALUE.pack(DENY if deny else 0, rid))
+            if cur.get(new_gen):                     # leftovers of an interrupted swap
+                bpfsys.map_delete_batch(pfd, pack_keys(ip, cur[new_gen], new_gen), POL_KEY.size)
+            items = sorted(w["keys"].items())
+            bpfsys.map_update_batch(pfd, list(zip(pack_keys(ip, [k for k, _v in items], new_gen),
+                                                  [POL_VALUE.pack(DENY if deny else 0, rid) for _k, (deny, rid) in items])),
+                                    POL_KEY.size, POL_VALUE.size)
             bpfsys.map_update(efd, EP_KEY.pack(_packed(ip)),
                               EP_VALUE.pack(w["ifindex"], w["identity"], w["flags"] | (EP_GEN if new_gen else 0)))
-            if old is not None and new_gen != gen:
-                for k in cur.get(gen, {}):
-                    bpfsys.map_delete(pfd, pack_key(ip, k[0], k[1], k[2], gen))
+            if old is not None and new_gen != gen and cur.get(gen):
+                bpfsys.map_delete_batch(pfd, pack_keys(ip, cur[gen], gen), POL_KEY.size)
         if prune:
             for ip in sorted(set(have_eps) | set(have_keys)):
                 if ip in want:
@@ -345,8 +352,7 @@ def sync_endpoints(globals_dir, want, check=False, prune=True):
                     continue
                 bpfsys.map_delete(efd, EP_KEY.pack(_packed(ip)))
                 for gen, keys in have_keys.get(ip, {}).items():
-                    for k in keys:
-                        bpfsys.map_delete(pfd, pack_key(ip, k[0], k[1], k[2], gen))
+                    bpfsys.map_delete_batch(pfd, pack_keys(ip, keys, gen), POL_KEY.size)
     return changes
 
 

@@ -74,8 +74,8 @@ def validate_state(state, where="policy state"):
     pols = state.get("policies") or []
     if not isinstance(pols, list):
         raise PolicyError("%s.policies: must be a list of policy documents" % where)
-    parse.normalize(pols, where + ".policies")       # every error, before anything is touched
-    out["policies"] = pols
+    # every error, before anything is touched; the compiler takes the parsed policies from the Documents
+    out["policies"] = parse.validated(pols, where + ".policies")
     cl = state.get("cluster") or {}
     if not isinstance(cl, dict):
         raise PolicyError("%s.cluster: must be a mapping" % where)
@@ -173,11 +173,22 @@ def cluster_view(state, records, pods, source=None):
 
 
 def read_compiled(path=COMPILED_PATH):
+    return _read_compiled(path)[0]
+
+
+def _read_compiled(path):
+    """(the compiled output of the last apply or None, its file's text or None)."""
     try:
-        doc = _read_json(path)
+        with open(path) as f:
+            text = f.read()
+        doc = json.loads(text)
+    except (IOError, OSError) as e:
+        if e.errno == errno.ENOENT:
+            return None, None
+        raise
     except ValueError:
-        return None
-    return doc if isinstance(doc, dict) else None
+        return None, None
+    return (doc, text) if isinstance(doc, dict) else (None, None)
 
 
 def rule_ids(out):
@@ -239,7 +250,7 @@ def apply(globals_dir, state, records, pods, check=False, compiled_path=COMPILED
     output)}. PolicyError before anything is touched when the input is at fault."""
     with (_locked() if lock and not check else _nolock()):
         cluster = cluster_view(state, records, pods)
-        previous = read_compiled(compiled_path)
+        previous, previous_text = _read_compiled(compiled_path)
         known = (previous or {}).get("identities") or {}
         out = _compile.compile_node(state["policies"], cluster, known=known)
         rules = rule_ids(out)
@@ -250,9 +261,11 @@ def apply(globals_dir, state, records, pods, check=False, compiled_path=COMPILED
             changes += maps.sync_prefixes(globals_dir, maps.TUNNEL, maps.tunnel_entries(tunnel_nodes(pods)), check)
         changes += maps.sync_endpoints(globals_dir, want, check)
         diff = _compile.diff(_comparable(previous), out)
-        saved = dict(out, rules=dict((str(i), t) for t, i in rules.items()))
-        if not check and (changes or json.dumps(saved, sort_keys=True) != json.dumps(previous, sort_keys=True)):
-            write_json(compiled_path, json.loads(json.dumps(saved)))
+        # as JSON has it (string keys), so that an unchanged output is the file's text again
+        text = json.dumps(dict(out, rules=dict((str(i), t) for t, i in rules.items()),
+                               identities=dict((str(k), v) for k, v in out["identities"].items())), sort_keys=True)
+        if not check and (changes or text != previous_text):
+            write_json(compiled_path, text)
     return {"changed": bool(changes), "changes": changes, "diff": diff, "identities": len(out["identities"]),
             "endpoints": len(want), "output": out}
 

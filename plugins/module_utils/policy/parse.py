@@ -51,6 +51,7 @@ import ipaddress
 import re
 
 from ansible_collections.kldload.netstack.plugins.module_utils import labels as _labels
+from ansible_collections.kldload.netstack.plugins.module_utils.policy import identity as _id
 
 NP_API = "networking.k8s.io/v1"
 CILIUM_API = "cilium.io/v2"
@@ -290,7 +291,7 @@ def _ipv4_network(ctx, value, path, plain_ip=False, strict_inside=None, inside=N
                 % (value, "; or an address" if plain_ip else ""))
         return None
     try:
-        net = ipaddress.IPv4Network(value)
+        net = _id.network(value)
     except ValueError as e:
         if "host bits set" in str(e):
             try:
@@ -995,6 +996,20 @@ def normalize(docs, where="input"):
     if lines:
         raise PolicyError(lines)
     return out
+
+
+class Documents(list):
+    """Policy documents as given (the list itself: what a state keeps and writes), validated, carrying what
+    ``normalize`` made of them (``policies``) so that the compiler does not parse them a second time."""
+
+    def __init__(self, docs, policies):
+        list.__init__(self, docs)
+        self.policies = policies
+
+
+def validated(docs, where="input"):
+    """``Documents`` of ``docs`` (a list), after ``normalize`` (PolicyError as it raises)."""
+    return Documents(docs, normalize(docs, where))
 
 
 def load_policies(text, where="<text>"):
