@@ -4,8 +4,8 @@
 
 - the new-connection rate pod-to-pod across two nodes and pod-to-service (the socket LB) with the flow events
   on (the node configuration's aggregation, medium by default) and off, the modes interleaved over several
-  rounds (the lab's nodes share one machine: interleaving spreads its noise over both), best round of each;
-  the ratio on/off (target >= 0.95 at the default aggregation);
+  rounds (the lab's nodes share one machine: interleaving spreads its noise over both); the ratio on/off of the
+  best and of the median rounds, and every round's figure (target >= 0.95 at the default aggregation);
 - pod-to-pod TCP throughput (iperf3) on and off;
 - the agent's resident memory and the events lost under a flood at aggregation none (every packet an event).
 
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
 import time
 
@@ -109,11 +110,14 @@ def main(argv=None):
         print(json.dumps(out, indent=1, sort_keys=True))
         return
     print("flow events benchmark, %s (aggregation %s when on)" % (out["pair"], out["aggregation"]))
-    print("%-44s %12s %12s %8s" % ("new connections/s (best of %d rounds)" % args.rounds, "off", "on", "ratio"))
+    print("%-44s %12s %12s %8s" % ("new connections/s, %d rounds" % args.rounds, "off", "on", "ratio"))
     for what in ("pod", "service"):
-        off, on = max(out[what]["off"]), max(out[what]["on"])
-        print("%-44s %12.0f %12.0f %8.3f" % ("pod-to-pod" if what == "pod" else "pod-to-service (VIP)", off, on,
-                                             on / off if off else 0))
+        for how, pick in (("best", max), ("median", statistics.median)):
+            off, on = pick(out[what]["off"]), pick(out[what]["on"])
+            print("%-44s %12.0f %12.0f %8.3f" % ("%s, %s" % ("pod-to-pod" if what == "pod" else "pod-to-service (VIP)", how),
+                                                 off, on, on / off if off else 0))
+        print("  rounds off: %s; on: %s" % (" ".join("%.0f" % x for x in out[what]["off"]),
+                                           " ".join("%.0f" % x for x in out[what]["on"])))
     toff, ton = out["throughput"]["off"][0], out["throughput"]["on"][0]
     print("%-44s %12.2f %12.2f %8.3f" % ("TCP Gbit/s pod-to-pod", toff, ton, ton / toff if toff else 0))
     f = out["flood"]

@@ -87,7 +87,10 @@ def iperf(lab, server, client, target, seconds):
 
 
 def conn_rate(lab, server, client, target, port, count, start_server=True):
-    """New TCP connections per second (connect, one request/reply, close), one client."""
+    """New TCP connections per second (connect, one request/reply, close with a reset), one client. The reset
+    leaves no TIME_WAIT: thousands of connections a second to one server address would otherwise use up the
+    client's ephemeral ports within a minute, and connect() then crawls (a few hundred a second) searching for a
+    free one - a stall of the client's kernel, not of the path measured."""
     for host in sorted({server[0], client[0]}):
         lab.sh(host, "install -D -m 0755 /dev/stdin %s <<'EOF'\n%s\nEOF" % (REMOTE_PROBE, open(PROBE).read()))
     pid = None
@@ -96,7 +99,7 @@ def conn_rate(lab, server, client, target, port, count, start_server=True):
                                       % (REMOTE_PROBE, port))).strip()
         time.sleep(0.5)
     try:
-        out = lab.sh(client[0], _wrap(client[1], "python3 %s probe --vip %s --port %d --count %d --timeout 3"
+        out = lab.sh(client[0], _wrap(client[1], "python3 %s probe --vip %s --port %d --count %d --timeout 3 --rst"
                                       % (REMOTE_PROBE, target, port, count)))
         res = json.loads(out)
         ok = count - sum(res["errors"].values())

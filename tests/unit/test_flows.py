@@ -115,7 +115,8 @@ def _event(**kw):
 
 
 def test_hubble_json_field_names_compact_lines_and_filters():
-    drop = hubble.make_flow(events.decode(events.encode(_event())), FakeEnricher(), "n1", 1714557600.5)
+    drop_ev = events.decode(events.encode(_event()))
+    drop = hubble.make_flow(drop_ev, FakeEnricher(), "n1", 1714557600.5)
     f = drop["flow"]
     assert drop["node_name"] == "n1" and drop["time"] == f["time"] == "2024-05-01T10:00:00.500000000Z"
     assert (f["verdict"], f["drop_reason"], f["drop_reason_desc"]) == ("DROPPED", 133, "POLICY_DENIED")
@@ -127,14 +128,15 @@ def test_hubble_json_field_names_compact_lines_and_filters():
         ("INGRESS", "L3_L4", {"type": 1, "sub_type": 133}, "default deny")
     line = hubble.compact(drop)
     assert "demo/other:40000 (ID:302) -> demo/server:8080 (ID:301)" in line and "DROPPED" in line, line
-    allow = hubble.make_flow(events.decode(events.encode(_event(verdict=1, reason=0, rule=1, saddr=tp.CLIENT,
-                                                                src_identity=300))), FakeEnricher(), "n1", 1.0)
+    allow_ev = events.decode(events.encode(_event(verdict=1, reason=0, rule=1, saddr=tp.CLIENT, src_identity=300)))
+    allow = hubble.make_flow(allow_ev, FakeEnricher(), "n1", 1.0)
     assert allow["flow"]["ingress_allowed_by"][0]["name"] == "server-from-client"
     assert allow["flow"]["policy_rule"] == "NetworkPolicy demo/server-from-client ingress[0]"
     assert allow["flow"]["event_type"]["type"] == hubble.MSG_POLICY_VERDICT
-    sock = hubble.make_flow(events.decode(events.encode(_event(
+    sock_ev = events.decode(events.encode(_event(
         source=5, verdict=7, reason=0, direction=2, flags=0, saddr="0.0.0.0", sport=0, daddr=tp.SERVER, dport=8080,
-        orig_addr="10.96.0.20", orig_port=80, service_id=7, cookie=99, ifindex=0))), FakeEnricher(), "n1", 2.0)
+        orig_addr="10.96.0.20", orig_port=80, service_id=7, cookie=99, ifindex=0)))
+    sock = hubble.make_flow(sock_ev, FakeEnricher(), "n1", 2.0)
     sf = sock["flow"]
     assert (sf["verdict"], sf["Type"], sf["IP"]["source"], sf["source"]["pod_name"]) == ("TRANSLATED", "SOCK", tp.CLIENT, "client")
     assert sf["destination_service"] == {"name": "web", "namespace": "demo"}
@@ -159,8 +161,8 @@ def test_hubble_json_field_names_compact_lines_and_filters():
     assert pick(ip=tp.OTHER) == [drop] and pick(ip="10.244.1.0/24") == flows
     assert pick(since="1714557600") == [drop]
     m = metrics.Metrics()
-    for r in flows:
-        m.observe(r)
+    for e in (drop_ev, allow_ev, sock_ev):
+        m.observe(e, FakeEnricher())
     text = m.render()
     assert 'hubble_drop_total{reason="POLICY_DENIED",protocol="TCP"} 1' in text
     assert 'hubble_flows_processed_total{type="Drop",subtype="",verdict="DROPPED"} 1' in text
@@ -338,9 +340,7 @@ def two_agents():
         section = fconfig.normalize({"listen": "127.0.0.1:4245", "buffer": 100, "node_name": node})
         ag = fagent.Agent("/nonexistent", section, enricher=FakeEnricher())
         for i, t in enumerate(times):
-            ag.ring.append(_resp(node, 1714557600.0 + t, "client" if i % 2 == 0 else "other",
-                                 "DROPPED" if i % 2 else "FORWARDED"))
-            ag.seq += 1
+            ag.add(_resp(node, 1714557600.0 + t, "client" if i % 2 == 0 else "other", "DROPPED" if i % 2 else "FORWARDED"))
         srv = fagent.serve(ag, "127.0.0.1:0")
         servers.append((ag, srv))
         agents[node] = "127.0.0.1:%d" % srv.server_address[1]
@@ -401,10 +401,7 @@ def test_the_relay_follows_every_agent(two_agents):
     t.start()
     time.sleep(0.5)
     for ag, _srv in servers:
-        with ag.cond:
-            ag.ring.append(_resp(ag.node_name, time.time(), "client"))
-            ag.seq += 1
-            ag.cond.notify_all()
+        ag.add(_resp(ag.node_name, time.time(), "client"))
     t.join(10)
     assert len(got) == 7 and sorted(r["node_name"] for r in got[5:]) == ["n1", "n2"]
 

@@ -2,9 +2,11 @@
 # Copyright: kldload.netstack contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The node agent (``netstack agent``, unit netstack-agent.service): reads the flow events of ``kln_flows``,
-enriches them (enrich.py) into Hubble's flow JSON (hubble.py), keeps the most recent ones in a bounded ring
-(``buffer`` flows: memory stays flat whatever the rate), optionally appends them to a JSON lines file rotated by
-size, counts them (metrics.py) and serves on one address of the node (never all of them):
+counts them (metrics.py), keeps the most recent ones in a bounded ring (``buffer`` flows: memory stays flat
+whatever the rate) and makes them into Hubble's flow JSON (hubble.py), enriched (enrich.py) with what the node
+knew when it read them, when they are asked for (a flow nobody asks for costs its decoding and counting only: the
+agent shares the node's CPUs with the traffic); optionally appends every flow to a JSON lines file rotated by size
+(then each is made at once); serves on one address of the node (never all of them):
 
 - ``GET /flows?<filters>``  the flows kept that pass the filters (hubble.parse_filters: namespace, pod, from-pod,
   to-pod, label, identity, verdict, drop-reason, protocol, port, ip, since, last, follow, node), one JSON object a
@@ -24,6 +26,7 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import collections
+import copy
 import json
 import os
 import socket
@@ -94,6 +97,28 @@ class Exporter:
         self.size = 0
 
 
+class _Flow(object):
+    """One flow of the ring: its sequence number and time, and either the ring buffer record with the enricher's
+    tables of the moment it was read (``enr``: a shallow copy - refresh() replaces the tables, never changes them),
+    or the Hubble flow made of them. ``get()`` makes that flow on first use (events.decode, hubble.make_flow) and
+    keeps it: a flow nobody asks for costs a peek at its record and its count in the metrics only."""
+
+    __slots__ = ("seq", "t", "raw", "enr", "resp")
+
+    def __init__(self, seq, t, raw=None, enr=None, resp=None):
+        self.seq, self.t, self.raw, self.enr, self.resp = seq, t, raw, enr, resp
+
+    def get(self, node_name):
+        resp = self.resp
+        if resp is None:
+            raw, enr = self.raw, self.enr
+            if raw is None:              # made by another thread meanwhile (it sets resp before clearing raw)
+                return self.resp
+            resp = self.resp = hubble.make_flow(events.decode(raw), enr, node_name, self.t, self.seq)
+            self.raw = self.enr = None
+        return resp
+
+
 class Agent:
     """The flows of one node. ``globals_dir``: the shared maps (kln_flows is read there); ``cfg``: the node
     configuration (runtime.validate()d; None in tests); ``section``: its agent section (config.normalize()d)."""
@@ -156,29 +181,38 @@ class Agent:
         return len(records)
 
     def ingest(self, records):
-        """Decode, enrich, keep, export and count ring buffer records (bytes each)."""
+        """Decode, count and keep ring buffer records (bytes each); with an export, make and write their flows."""
         self.enricher.refresh()
+        enr = copy.copy(self.enricher)            # the tables of this moment, for the flows made later
         offset = boot_offset()
-        out = []
+        kept, counts = [], collections.Counter()
         for raw in records:
             try:
-                e = events.decode(raw)
+                t, key = events.peek(raw)
             except events.FlowError:
                 self.decode_errors += 1
                 continue
-            with self.cond:
-                seq = self.seq
-                self.seq += 1
-            resp = hubble.make_flow(e, self.enricher, self.node_name, offset + e["time_boot_ns"] / 1e9, seq)
-            self.metrics.observe(resp)
-            out.append(resp)
+            counts[key] += 1                 # a flood repeats few keys: the labels are worked out once per key
+            kept.append((offset + t / 1e9, raw))
+        for key, n in counts.items():
+            self.metrics.observe(events.peeked(key), enr, n)
         with self.cond:
+            first = self.seq
+            out = [_Flow(first + i, t, raw, enr) for i, (t, raw) in enumerate(kept)]
             self.ring.extend(out)
+            self.seq += len(out)
             self.cond.notify_all()
         if self.exporter:
-            for resp in out:
-                self.exporter.write(hubble.public(resp))
+            for f in out:
+                self.exporter.write(hubble.public(f.get(self.node_name)))
             self.exporter.flush()
+
+    def add(self, resp):
+        """Keep a flow made elsewhere (a hubble.make_flow() response)."""
+        with self.cond:
+            self.ring.append(_Flow(self.seq, resp["_meta"]["t"], resp=resp))
+            self.seq += 1
+            self.cond.notify_all()
 
     def run(self):
         last_check = time.time()
@@ -201,7 +235,7 @@ class Agent:
         with self.cond:
             items = list(self.ring)
             end = self.seq
-        out = [r for r in items if hubble.matches(r, flt)]
+        out = [r for r in (f.get(self.node_name) for f in items) if hubble.matches(r, flt)]
         if flt.get("last"):
             out = out[-flt["last"]:]
         return out, end
@@ -217,7 +251,7 @@ class Agent:
             lost = max(0, first - start)
             items = list(self.ring)[max(start, first) - first:]
             nxt = self.seq
-        return [r for r in items if hubble.matches(r, flt)], nxt, lost
+        return [r for r in (f.get(self.node_name) for f in items) if hubble.matches(r, flt)], nxt, lost
 
     # ---- metrics -----------------------------------------------------------------------------------------
 

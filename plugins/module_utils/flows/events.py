@@ -74,14 +74,37 @@ def tcp_flag_names(flags):
     return [n for n, bit in TCP_FLAGS if flags & bit]
 
 
-def decode(raw):
-    """One ring buffer record as a dict; FlowError for a record of another layout version or size."""
+# what peek() gives of a record (the fields the metrics count: metrics.Metrics.observe)
+PEEK_FIELDS = ("verdict", "source", "flags", "protocol", "tcp_flags", "reason", "direction", "rule", "dport")
+
+
+def _unpack(raw):
     if len(raw) < EVENT.size:
         raise FlowError("flow event of %d bytes, expected %d" % (len(raw), EVENT.size))
-    (t, version, source, verdict, reason, direction, proto, tcp, flags, saddr, daddr, sport, dport, sid, did, ifindex,
-     rule, length, oaddr, oport, svc, cookie) = EVENT.unpack_from(raw)
-    if version != VERSION:
-        raise FlowError("flow event layout version %d, this agent reads %d" % (version, VERSION))
+    fields = EVENT.unpack_from(raw)
+    if fields[1] != VERSION:
+        raise FlowError("flow event layout version %d, this agent reads %d" % (fields[1], VERSION))
+    return fields
+
+
+def peek(raw):
+    """(time_boot_ns, the PEEK_FIELDS of a record as a tuple, dport as its 2 bytes) without decoding the rest;
+    FlowError as decode()."""
+    f = _unpack(raw)
+    return f[0], (f[3], f[2], f[8], f[6], f[7], f[4], f[5], f[16], f[12])
+
+
+def peeked(key):
+    """The PEEK_FIELDS of a peek() tuple as a dict (a decode() subset)."""
+    out = dict(zip(PEEK_FIELDS, key))
+    out["dport"] = struct.unpack("!H", out["dport"])[0]
+    return out
+
+
+def decode(raw):
+    """One ring buffer record as a dict; FlowError for a record of another layout version or size."""
+    (t, _version, source, verdict, reason, direction, proto, tcp, flags, saddr, daddr, sport, dport, sid, did, ifindex,
+     rule, length, oaddr, oport, svc, cookie) = _unpack(raw)
     return {"time_boot_ns": t, "source": source, "verdict": verdict, "reason": reason, "direction": direction,
             "protocol": proto, "tcp_flags": tcp, "flags": flags, "saddr": socket.inet_ntoa(saddr),
             "daddr": socket.inet_ntoa(daddr), "sport": struct.unpack("!H", sport)[0],

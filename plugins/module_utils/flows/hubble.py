@@ -78,6 +78,23 @@ def _endpoint(rec):
     return out
 
 
+def event_type(e):
+    """(Hubble's ``event_type``, ``hubble_flows_processed_total``'s type and subtype labels) of a decoded event."""
+    if e["verdict"] == 2:
+        return {"type": MSG_DROP, "sub_type": e["reason"]}, "Drop", ""
+    if e["source"] == ev.SRC_SOCK:
+        return {"type": MSG_TRACE_SOCK, "sub_type": 0}, "SOCK", ""
+    if e["flags"] & ev.F_POLICY:
+        return {"type": MSG_POLICY_VERDICT, "sub_type": 0}, "PolicyVerdict", ""
+    return {"type": MSG_TRACE, "sub_type": e["source"]}, "Trace", ev.SOURCES.get(e["source"], "")
+
+
+def policy_rule(e, enr):
+    """(the rule text that decided, Hubble's policy match type) of a policy verdict event."""
+    text = enr.rule(e["rule"]) if e["rule"] else ""
+    return text, (enr.rule_kinds.get(text, "all") if text else "none")
+
+
 def make_flow(e, enr, node_name, wall_time, seq=0):
     """The GetFlowsResponse of one decoded event; ``enr`` an enrich.Enricher (or anything with its lookups)."""
     sock = e["source"] == ev.SRC_SOCK
@@ -91,18 +108,7 @@ def make_flow(e, enr, node_name, wall_time, seq=0):
         saddr = e["saddr"]
         src_rec = enr.lookup(saddr, e["src_identity"])
     dst_rec = enr.lookup(e["daddr"], e["dst_identity"])
-    if e["verdict"] == 2:
-        etype = {"type": MSG_DROP, "sub_type": e["reason"]}
-        type_label, subtype = "Drop", ""
-    elif sock:
-        etype = {"type": MSG_TRACE_SOCK, "sub_type": 0}
-        type_label, subtype = "SOCK", ""
-    elif e["flags"] & ev.F_POLICY:
-        etype = {"type": MSG_POLICY_VERDICT, "sub_type": 0}
-        type_label, subtype = "PolicyVerdict", ""
-    else:
-        etype = {"type": MSG_TRACE, "sub_type": e["source"]}
-        type_label, subtype = "Trace", ev.SOURCES.get(e["source"], "")
+    etype, type_label, subtype = event_type(e)
     proto = ev.PROTOCOLS.get(e["protocol"], str(e["protocol"]))
     flags = ev.tcp_flag_names(e["tcp_flags"])
     if e["protocol"] == 6:
@@ -131,7 +137,7 @@ def make_flow(e, enr, node_name, wall_time, seq=0):
     if flags:
         summary.append("TCP Flags: %s" % ", ".join(flags))
     if e["flags"] & ev.F_POLICY:
-        text = enr.rule(e["rule"]) if e["rule"] else ""
+        text, match = policy_rule(e, enr)
         if e["verdict"] == 2 and e["reason"] in (133,):
             flow["policy_rule"] = DEFAULT_DENY
         elif text:
@@ -143,7 +149,7 @@ def make_flow(e, enr, node_name, wall_time, seq=0):
         d = "ingress" if e["direction"] == 1 else "egress"
         if text:
             flow["%s_%s_by" % (d, "denied" if e["verdict"] == 2 else "allowed")] = [_rule_ref(text)]
-        flow["policy_match_type"] = enr.rule_kinds.get(text, "all") if text else "none"
+        flow["policy_match_type"] = match
         summary.append("policy: %s" % flow["policy_rule"])
     if e["service_id"] or e["orig_addr"] != "0.0.0.0":
         svc = enr.service(e["service_id"]) or {}

@@ -14,6 +14,9 @@ __metaclass__ = type
 
 import threading
 
+from ansible_collections.kldload.netstack.plugins.module_utils.flows import events as ev
+from ansible_collections.kldload.netstack.plugins.module_utils.flows import hubble
+
 HELP = {
     "hubble_flows_processed_total": ("counter", "Total number of flows processed"),
     "hubble_drop_total": ("counter", "Number of drops"),
@@ -38,7 +41,9 @@ def sample(name, labels, value):
 
 
 class Metrics:
-    """Counters keyed by label tuples; ``observe(resp)`` counts one flow (a hubble.make_flow() response)."""
+    """Counters keyed by label tuples; ``observe(e, enr, n)`` counts ``n`` flows of one decoded event (events.decode,
+    or its events.PEEK_FIELDS) and the enricher's rule table, with the labels its Hubble flow (hubble.make_flow)
+    would give - without making that flow: the agent makes flows only when asked for them."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -53,31 +58,30 @@ class Metrics:
         with self._lock:
             self.counters[name][labels] = value
 
-    def observe(self, resp):
-        f = resp["flow"]
-        meta = resp.get("_meta") or {}
-        verdict = f["verdict"]
-        self.inc("hubble_flows_processed_total", (("type", meta.get("type", "")), ("subtype", meta.get("subtype", "")),
-                                                  ("verdict", verdict)))
-        l4 = f.get("l4") or {}
-        proto = list(l4)[0] if l4 else "unknown"
+    def observe(self, e, enr, n=1):
+        verdict = ev.VERDICTS.get(e["verdict"], "VERDICT_UNKNOWN")
+        _etype, typ, subtype = hubble.event_type(e)
+        keys = [("hubble_flows_processed_total", (("type", typ), ("subtype", subtype), ("verdict", verdict)))]
+        proto = ev.PROTOCOLS.get(e["protocol"], "unknown")
         if verdict == "DROPPED":
-            self.inc("hubble_drop_total", (("reason", f.get("drop_reason_desc", "")), ("protocol", proto)))
-        if "policy_rule" in f and f.get("traffic_direction") in ("INGRESS", "EGRESS"):
-            self.inc("hubble_policy_verdicts_total", (("direction", f["traffic_direction"].lower()),
-                                                      ("match", f.get("policy_match_type", "none")),
-                                                      ("action", "dropped" if verdict == "DROPPED" else "forwarded")))
-        tcp = l4.get("TCP")
-        if tcp:
-            flags = tcp.get("flags") or {}
-            for name in ("SYN", "FIN", "RST"):
-                if flags.get(name):
-                    label = "SYN-ACK" if name == "SYN" and flags.get("ACK") else name
-                    self.inc("hubble_tcp_flags_total", (("flag", label), ("family", "IPv4")))
-        if verdict != "DROPPED" and not f.get("is_reply") and l4 and proto in ("TCP", "UDP", "SCTP"):
-            port = l4[proto].get("destination_port")
-            if port:
-                self.inc("hubble_port_distribution_total", (("protocol", proto), ("port", str(port))))
+            keys.append(("hubble_drop_total", (("reason", ev.reason_name(e["reason"])), ("protocol", proto))))
+        direction = ev.DIRECTIONS.get(e["direction"])
+        if e["flags"] & ev.F_POLICY and direction in ("INGRESS", "EGRESS"):
+            keys.append(("hubble_policy_verdicts_total", (("direction", direction.lower()),
+                                                          ("match", hubble.policy_rule(e, enr)[1]),
+                                                          ("action", "dropped" if verdict == "DROPPED" else "forwarded"))))
+        if e["protocol"] == 6:
+            flags = e["tcp_flags"]
+            for name, bit in (("SYN", 0x02), ("FIN", 0x01), ("RST", 0x04)):
+                if flags & bit:
+                    label = "SYN-ACK" if name == "SYN" and flags & 0x10 else name
+                    keys.append(("hubble_tcp_flags_total", (("flag", label), ("family", "IPv4"))))
+        if verdict != "DROPPED" and not e["flags"] & ev.F_REPLY and proto in ("TCP", "UDP", "SCTP") and e["dport"]:
+            keys.append(("hubble_port_distribution_total", (("protocol", proto), ("port", str(e["dport"])))))
+        with self._lock:
+            for name, labels in keys:
+                c = self.counters[name]
+                c[labels] = c.get(labels, 0) + n
 
     def render(self, extra=()):
         """The exposition text: the counters, then ``extra`` [(name, type, help, [(labels, value)])]."""

@@ -108,6 +108,8 @@ def cmd_probe(args):
                 res["peers"].add(_fmt(s.getpeername()))
                 s.sendall(b"hi\n")
                 data = s.recv(256)
+                if args.rst:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             else:
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 s.settimeout(args.timeout)
@@ -387,6 +389,9 @@ def main(argv=None):
     p.add_argument("--pod")
     p.add_argument("--cgroup-root")
     p.add_argument("--source-port", type=int, default=0)
+    p.add_argument("--rst", action="store_true",
+                   help="close TCP with a reset: no TIME_WAIT left, so that thousands of connections to one server "
+                        "do not use up the ephemeral ports (connection-rate benchmarks)")
     p.set_defaults(fn=cmd_probe)
     p = sub.add_parser("pod")
     p.add_argument("action", choices=["add", "delete"])
