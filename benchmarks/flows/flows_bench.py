@@ -116,8 +116,8 @@ def main(argv=None):
             off, on = pick(out[what]["off"]), pick(out[what]["on"])
             print("%-44s %12.0f %12.0f %8.3f" % ("%s, %s" % ("pod-to-pod" if what == "pod" else "pod-to-service (VIP)", how),
                                                  off, on, on / off if off else 0))
-        print("  rounds off: %s; on: %s" % (" ".join("%.0f" % x for x in out[what]["off"]),
-                                           " ".join("%.0f" % x for x in out[what]["on"])))
+        rounds = [" ".join("%.0f" % x for x in out[what][mode]) for mode in ("off", "on")]
+        print("  rounds off: %s; on: %s" % tuple(rounds))
     toff, ton = out["throughput"]["off"][0], out["throughput"]["on"][0]
     print("%-44s %12.2f %12.2f %8.3f" % ("TCP Gbit/s pod-to-pod", toff, ton, ton / toff if toff else 0))
     f = out["flood"]

@@ -163,8 +163,8 @@ def main(argv=None):
     print("policy benchmark, %s" % out["pair"])
     print("%-44s %12s %8s" % ("new connections/s (median of %d rounds)" % args.rounds, "rate", "ratio"))
     for n, r in sorted(out["rates"].items()):
-        print("%-44s %12.0f %8.3f   rounds: %s" % ("%d rules on the pair" % n, r, r / base if base else 0,
-                                                 " ".join("%.0f" % x for x in out["rate_samples"][n])))
+        rounds = " ".join("%.0f" % x for x in out["rate_samples"][n])
+        print("%-44s %12.0f %8.3f   rounds: %s" % ("%d rules on the pair" % n, r, r / base if base else 0, rounds))
     tp, tn = out["throughput_policy"][0], out["throughput_plain"][0]
     print("%-44s %12.2f %8s" % ("TCP Gbit/s without the policy programs", tn, "1.000"))
     print("%-44s %12.2f %8.3f" % ("TCP Gbit/s with them (no rule; before, after)", tp, tp / tn if tn else 0))
