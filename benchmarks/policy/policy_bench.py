@@ -6,8 +6,9 @@
   on the pair (ingress rules on the server's pod, egress rules on the client's: ipBlock /32 peers on their
   own ports, one rule that allows the benchmark's traffic), as a ratio of the 0-rule rate (target >= 0.95
   at 1,000);
-- pod-to-pod TCP throughput (iperf3) with the policy programs attached (no rule) against the same path
-  without them (netstack_policy_enforcement=false; target >= 0.95);
+- pod-to-pod TCP throughput (iperf3) with the policy programs attached (no rule) against the node without
+  policy (netstack_policy_enforcement=false: no overlay programs either, the fixed-VNI VXLAN device), and against
+  the same tunnel path with only the policy programs' tc links detached (target >= 0.95);
 - the time to apply 1,000 policies to the endpoints of a node and one policy change among them, through the
   node's own apply (the library the module and the CNI plugin call; target <= 1 s and <= 50 ms).
 
@@ -112,6 +113,20 @@ def apply_policies(lab, docs):
         os.unlink(f.name)
 
 
+DETACH = ("kln_pol_from_container", "kln_pol_to_container", "kln_pol_from_netdev")
+
+
+def detach_policy_programs(lab, host):
+    """Detach the tc links of the policy programs, the overlay programs kept: the same path without them. The lab's
+    nodes share one kernel, so this is every node's; the next install.yml attaches them again."""
+    links = json.loads(lab.sh(host, "bpftool -j link show"))
+    names = dict((p["id"], p.get("name")) for p in json.loads(lab.sh(host, "bpftool -j prog show")))
+    ids = [link["id"] for link in links if link.get("type") == "tcx" and names.get(link["prog_id"]) in DETACH]
+    for i in ids:
+        lab.sh(host, "bpftool link detach id %d" % i)
+    return len(ids)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few connections, short transfers (a smoke run)")
@@ -153,6 +168,16 @@ def main(argv=None):
         on.append(pn.iperf(lab, sv, cl, sip, args.seconds))
         out["throughput_policy"] = (sum(t[0] for t in on) / len(on), sum(t[1] for t in on) / len(on))
         out["throughput_policy_runs"] = [t[0] for t in on]
+        # the same tunnel path (overlay programs, identities in the VNI) with and without the policy programs,
+        # alternated round after round; medians
+        same = {"with": [], "without": []}
+        for _r in range(args.rounds):
+            same["with"].append(pn.iperf(lab, sv, cl, sip, args.seconds)[0])
+            if not detach_policy_programs(lab, b):
+                raise SystemExit("no policy program attached to detach")
+            same["without"].append(pn.iperf(lab, sv, cl, sip, args.seconds)[0])
+            lab.playbook()
+        out["throughput_same_path"] = same
     finally:
         lab.playbook()
         apply_policies(lab, [])
@@ -169,6 +194,12 @@ def main(argv=None):
     print("%-44s %12.2f %8s" % ("TCP Gbit/s without the policy programs", tn, "1.000"))
     print("%-44s %12.2f %8.3f" % ("TCP Gbit/s with them (no rule; before, after)", tp, tp / tn if tn else 0))
     print("%-44s %s" % ("  runs with them", " ".join("%.2f" % x for x in out["throughput_policy_runs"])))
+    same = out["throughput_same_path"]
+    sw, so = statistics.median(same["without"]), statistics.median(same["with"])
+    print("%-44s %12.2f %8s" % ("TCP Gbit/s, policy programs detached", sw, "1.000"))
+    print("%-44s %12.2f %8.3f" % ("TCP Gbit/s, the same path with them", so, so / sw if sw else 0))
+    print("%-44s %s / %s" % ("  rounds with / without", " ".join("%.2f" % x for x in same["with"]),
+                             " ".join("%.2f" % x for x in same["without"])))
     t = out["apply"]
     print("apply %d policies (%d entries on %d endpoints): %.3f s; one policy changed: %.3f s (median of 5, max %.3f; "
           "%d diff lines); the same again: %.3f s (changed %s); validating the %d documents before each: %.3f s"
