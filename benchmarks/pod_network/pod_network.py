@@ -62,6 +62,14 @@ class Lab:
     def pods(self, host):
         return json.loads(self.sh(host, "netstack endpoint list --json"))
 
+    def pod_pair(self):
+        """A ready pod on the first kube node (the client) and one on the second (the server): (client node, server
+        node, client record, server record, (client node, client netns), (server node, server netns), server IP)."""
+        a, b = self.nodes[0], self.nodes[1]
+        client = [p for p in self.pods(a) if p.get("state") == "ready"][0]
+        server = [p for p in self.pods(b) if p.get("state") == "ready"][0]
+        return a, b, client, server, (a, client["netns"]), (b, server["netns"]), server["ips"][0].split("/")[0]
+
 
 def _wrap(netns, cmd):
     return "nsenter --net=%s %s" % (shlex.quote(netns), cmd) if netns else cmd

@@ -139,11 +139,7 @@ def main(argv=None):
     if args.quick:
         args.seconds, args.connections, args.rounds = 2, 300, 1
     lab = pn.Lab(args.inventory)
-    a, b = lab.nodes[0], lab.nodes[1]
-    client = [p for p in lab.pods(a) if p.get("state") == "ready"][0]
-    server = [p for p in lab.pods(b) if p.get("state") == "ready"][0]
-    cl, sv = (a, client["netns"]), (b, server["netns"])
-    sip = server["ips"][0].split("/")[0]
+    a, b, client, server, cl, sv, sip = lab.pod_pair()
     out = {"pair": "%s/%s on %s -> %s/%s on %s" % (client["namespace"], client["name"], a, server["namespace"],
                                                    server["name"], b), "rates": {}, "apply": None}
     samples = dict((n, []) for n in COUNTS)
