@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys, loader
+from ansible_collections.kldload.netstack.plugins.module_utils import bpfsys
 from ansible_collections.kldload.netstack.plugins.module_utils.flows import agent as fagent
 from ansible_collections.kldload.netstack.plugins.module_utils.flows import config as fconfig
 from ansible_collections.kldload.netstack.plugins.module_utils.flows import events, hubble, metrics
@@ -24,7 +24,6 @@ from ansible_collections.kldload.netstack.plugins.module_utils.policy import nod
 import test_policy_dataplane as tp
 
 REPO = tp.REPO
-BUILD = tp.BUILD
 needs_root = tp.needs_root
 
 
@@ -174,25 +173,8 @@ def test_hubble_json_field_names_compact_lines_and_filters():
 
 @pytest.fixture
 def flows_dp(tmp_path):
-    fs = tmp_path / "bpffs"
-    fs.mkdir()
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(fs)], check=True)
-    fds = {}
-    try:
-        root = str(fs / "kln")
-        objs = [loader.object_spec(n, os.path.join(BUILD, n + ".o"), targets={"devices": []}, map_sizes={"kln_flows": 65536})
-                for n in ("policy", "overlay")]
-        loader.ensure(root, objs, prune=True)
-        for obj, progs in (("policy", ("kln_pol_from_container", "kln_pol_to_container", "kln_pol_from_netdev")),
-                           ("overlay", ("kln_to_overlay", "kln_from_overlay"))):
-            d = [x for x in os.listdir(os.path.join(root, obj)) if x.startswith(loader.PROGS_PREFIX)][0]
-            for p in progs:
-                fds[p] = bpfsys.obj_get(os.path.join(root, obj, d, p))
-        yield tp.Node(root, fds, tmp_path)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-        subprocess.run(["umount", str(fs)], check=False)
+    with tp.loaded_node(tmp_path, map_sizes={"kln_flows": 65536}) as node:
+        yield node
 
 
 def _read(dp):

@@ -2,6 +2,7 @@
 a private bpffs, the maps written by the one node apply (policy/node.py) from policies, endpoint records and
 the pod network, and the programs run with BPF_PROG_TEST_RUN. Each test asserts a verdict a pod would see
 (let through, dropped) and the counter it leaves; layouts are held to the header and the manifests."""
+import contextlib
 import json
 import os
 import re
@@ -174,15 +175,17 @@ class Node:
         return maps.stats(self.gdir).get((ip, reason, direction), (0, 0))[0]
 
 
-@pytest.fixture
-def dp(tmp_path):
+@contextlib.contextmanager
+def loaded_node(tmp_path, map_sizes=None):
+    """The policy and overlay objects loaded through the loader into a private bpffs: a Node with their programs."""
     fs = tmp_path / "bpffs"
     fs.mkdir()
     subprocess.run(["mount", "-t", "bpf", "bpf", str(fs)], check=True)
     fds = {}
     try:
         root = str(fs / "kln")
-        objs = [loader.object_spec(n, os.path.join(BUILD, n + ".o"), targets={"devices": []}) for n in ("policy", "overlay")]
+        objs = [loader.object_spec(n, os.path.join(BUILD, n + ".o"), targets={"devices": []}, map_sizes=map_sizes)
+                for n in ("policy", "overlay")]
         loader.ensure(root, objs, prune=True)
         for obj, progs in (("policy", ("kln_pol_from_container", "kln_pol_to_container", "kln_pol_from_netdev")),
                            ("overlay", ("kln_to_overlay", "kln_from_overlay"))):
@@ -194,6 +197,12 @@ def dp(tmp_path):
         for fd in fds.values():
             os.close(fd)
         subprocess.run(["umount", str(fs)], check=False)
+
+
+@pytest.fixture
+def dp(tmp_path):
+    with loaded_node(tmp_path) as node:
+        yield node
 
 
 @needs_root
