@@ -158,10 +158,6 @@ def endpoint_keys(ep_ip, entries, rules):
     return out
 
 
-def pack_key(ep_ip, ident, egress, var, gen):
-    return pack_keys(ep_ip, [(ident, egress, var)], gen)[0]
-
-
 def pack_keys(ep_ip, keys, gen):
     """The kln_policy4 keys of one endpoint's (identity key, egress, (length, bits)) in one generation."""
     ep = _packed(ep_ip)
