@@ -81,7 +81,7 @@ int kln_from_overlay(struct __sk_buff *skb)
 	id = key.tunnel_id;
 	if (id <= ID_HOST || id > ID_MAX_VNI)
 		return TCX_NEXT;
-	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+	if (pkt_load(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
 		return TCX_NEXT;
 	k.addr = ip.saddr;
 	t = bpf_map_lookup_elem(&kln_tunnel4, &k);

@@ -21,7 +21,7 @@ int kln_pol_from_container(struct __sk_buff *skb)
 	struct pol_pkt p = {};
 	struct pol_ep *ep, *dep;
 	struct pol_ep src;
-	__u32 dst_cidr;
+	struct pol_peer dst = {};
 	int rc = pol_parse(skb, &p);
 
 	if (rc > 0)
@@ -39,8 +39,8 @@ int kln_pol_from_container(struct __sk_buff *skb)
 	if (p.frag)
 		return TCX_NEXT;
 	src = *ep;
-	dst_cidr = cidr_identity(p.daddr);
-	if (pol_check(&p, &src, p.saddr, CT_EGRESS, ipcache_identity(p.daddr, dst_cidr), dst_cidr))
+	dst.addr = p.daddr;
+	if (pol_check(&p, &src, p.saddr, CT_EGRESS, &dst))
 		return TC_ACT_SHOT;
 	dep = pol_endpoint(p.daddr);
 	if (dep && pol_deliver(skb, &p, dep, src.identity))
@@ -54,7 +54,8 @@ int kln_pol_to_container(struct __sk_buff *skb)
 	struct pol_pkt p = {};
 	struct pol_ep *dep;
 	struct pol_ep d;
-	__u32 mark = skb->mark, src_cidr, src_id;
+	struct pol_peer src = {};
+	__u32 mark = skb->mark;
 	int rc;
 
 	if ((mark & MARK_MAGIC_MASK) == MARK_MAGIC_ALLOWED) {
@@ -71,14 +72,12 @@ int kln_pol_to_container(struct __sk_buff *skb)
 	if (!dep || p.frag)
 		return TCX_NEXT;
 	d = *dep;
-	src_cidr = cidr_identity(p.saddr);
+	src.addr = p.saddr;
 	if ((mark & MARK_MAGIC_MASK) == MARK_MAGIC_IDENTITY) {
-		src_id = mark >> 8;
+		src.id = mark >> 8;	/* the tunnel's (never 0: overlay.c passes identities above host only) */
 		skb->mark = 0;
-	} else {
-		src_id = ipcache_identity(p.saddr, src_cidr);
 	}
-	if (pol_check(&p, &d, p.daddr, CT_INGRESS, src_id, src_cidr))
+	if (pol_check(&p, &d, p.daddr, CT_INGRESS, &src))
 		return TC_ACT_SHOT;
 	return TCX_NEXT;
 }
@@ -88,12 +87,17 @@ int kln_pol_from_netdev(struct __sk_buff *skb)
 {
 	struct pol_pkt p = {};
 	struct pol_ep *dep;
+	__be32 daddr;
 
-	if (pol_parse(skb, &p) != 0 || p.frag)
+	/* most packets here are for the node itself (the tunnel's among them): one lookup, no parse */
+	if (skb->protocol != bpf_htons(ETH_P_IP) ||
+	    pkt_load(skb, ETH_HLEN + __builtin_offsetof(struct iphdr, daddr), &daddr, sizeof(daddr)) < 0)
+		return TCX_NEXT;
+	dep = pol_endpoint(daddr);
+	if (!dep || pol_parse(skb, &p) != 0 || p.frag)
 		return TCX_NEXT;
 	p.source = FLOW_SRC_FROM_NETWORK;
-	dep = pol_endpoint(p.daddr);
-	if (dep && pol_deliver(skb, &p, dep, ipcache_identity(p.saddr, cidr_identity(p.saddr))))
+	if (pol_deliver(skb, &p, dep, 0))
 		return TC_ACT_SHOT;
 	return TCX_NEXT;
 }

@@ -36,6 +36,22 @@
 #define likely(x)   __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
 
+/* ``len`` (a constant) bytes at ``off`` of a tc program's packet into ``to``: straight from the linear data when
+ * they are there (no helper call: the headers of a packet almost always are), else bpf_skb_load_bytes().
+ * 0, or < 0 when the packet is shorter. */
+#define KLN_PKT_MAX_OFF 256
+static __always_inline int pkt_load(struct __sk_buff *skb, __u32 off, void *to, const __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	if (off <= KLN_PKT_MAX_OFF && data + off + len <= end) {
+		__builtin_memcpy(to, data + off, len);
+		return 0;
+	}
+	return bpf_skb_load_bytes(skb, off, to, len);
+}
+
 /* Jenkins hash (include/linux/jhash.h), enough for Maglev bucket selection. */
 #define __rol32(w, s) (((w) << (s)) | ((w) >> (32 - (s))))
 #define __jhash_final(a, b, c)              \

@@ -156,18 +156,21 @@ static __always_inline int pol_ports(struct __sk_buff *skb, __u32 off, __u8 prot
 
 	switch (protocol) {
 	case IPPROTO_TCP:
-		if (bpf_skb_load_bytes(skb, off, b, tcp_flags ? 14 : 4) < 0)
-			return -1;
-		if (tcp_flags)
+		if (tcp_flags) {
+			if (pkt_load(skb, off, b, 14) < 0)
+				return -1;
 			*tcp_flags = b[13];
+		} else if (pkt_load(skb, off, b, 4) < 0) {
+			return -1;
+		}
 		break;
 	case IPPROTO_UDP:
 	case IPPROTO_SCTP:
-		if (bpf_skb_load_bytes(skb, off, b, 4) < 0)
+		if (pkt_load(skb, off, b, 4) < 0)
 			return -1;
 		break;
 	case IPPROTO_ICMP:
-		if (bpf_skb_load_bytes(skb, off, b, 8) < 0)
+		if (pkt_load(skb, off, b, 8) < 0)
 			return -1;
 		*icmp_type = b[0];
 		if (b[0] == 8) {		/* echo request: id as the source port */
@@ -195,7 +198,7 @@ static __always_inline int pol_parse(struct __sk_buff *skb, struct pol_pkt *p)
 
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		return 1;
-	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0 || ip.version != 4 || ip.ihl < 5)
+	if (pkt_load(skb, off, &ip, sizeof(ip)) < 0 || ip.version != 4 || ip.ihl < 5)
 		return -DROP_INVALID;
 	p->saddr = ip.saddr;
 	p->daddr = ip.daddr;
@@ -213,7 +216,7 @@ static __always_inline int pol_parse(struct __sk_buff *skb, struct pol_pkt *p)
 		return 0;
 	/* destination unreachable, time exceeded, parameter problem: about the packet inside */
 	off += 8;
-	if (bpf_skb_load_bytes(skb, off, &in, sizeof(in)) < 0 || in.version != 4 || in.ihl < 5)
+	if (pkt_load(skb, off, &in, sizeof(in)) < 0 || in.version != 4 || in.ihl < 5)
 		return -DROP_INVALID;
 	p->icmp_err = 1;
 	p->isaddr = in.saddr;
@@ -224,9 +227,10 @@ static __always_inline int pol_parse(struct __sk_buff *skb, struct pol_pkt *p)
 	return 0;
 }
 
+/* ~seconds of CLOCK_MONOTONIC, from the coarse clock (a tick behind at most: no clock source read per packet). */
 static __always_inline __u32 ct_now(void)
 {
-	return (__u32)(bpf_ktime_get_ns() >> 30);	/* ~seconds */
+	return (__u32)(bpf_ktime_get_coarse_ns() >> 30);
 }
 
 static __always_inline struct ct_entry *ct_get(__be32 s, __be32 d, __be16 sp, __be16 dp, __u8 proto, __u32 dir,
@@ -319,6 +323,26 @@ static __always_inline __u32 ipcache_identity(__be32 addr, __u32 fallback)
 	return i ? i->identity : fallback;
 }
 
+/* The peer of an endpoint's packet: its address and its identities, looked up only when something needs them (a
+ * verdict, a flow event) - a packet of a known connection to an endpoint whose direction is not enforced needs
+ * none. ``id`` may be given (the tunnel's, a local pod's); else it is the ipcache's, else the CIDR identity. */
+struct pol_peer {
+	__be32 addr;
+	__u32 id;		/* 0: not known yet */
+	__u32 cidr;
+	__u32 resolved;
+};
+
+static __always_inline void pol_peer_resolve(struct pol_peer *x)
+{
+	if (x->resolved)
+		return;
+	x->cidr = cidr_identity(x->addr);
+	if (!x->id)
+		x->id = ipcache_identity(x->addr, x->cidr);
+	x->resolved = 1;
+}
+
 static __always_inline struct pol_entry *pol_find(__be32 ep, __u32 identity, __u8 dirgen, const struct pol_pkt *p)
 {
 	struct pol_key k = { .prefixlen = POL_PREFIX_PORT, .ep = ep, .identity = identity, .dirgen = dirgen,
@@ -378,12 +402,13 @@ static __always_inline void pol_count(__be32 ep, __u32 reason, __u32 dir, __u32 
 }
 
 /* The verdict of the endpoint ``ep`` (at ``ep_addr``) on ``p`` in direction ``dir`` (CT_EGRESS: the
- * endpoint sends it, CT_INGRESS: it receives it) from or to a peer with identity ``peer_id`` and CIDR
- * identity ``addr_id``: 0 (let through) or the drop reason. Counted either way. */
+ * endpoint sends it, CT_INGRESS: it receives it) from or to ``peer``: 0 (let through) or the drop reason.
+ * Counted either way. */
 static __always_inline int pol_check(const struct pol_pkt *p, const struct pol_ep *ep, __be32 ep_addr, __u32 dir,
-				     __u32 peer_id, __u32 addr_id)
+				     struct pol_peer *peer)
 {
 	__u32 now = ct_now(), rule = 0;
+	__u32 enforced = ep->flags & (dir == CT_EGRESS ? POL_EP_EGRESS : POL_EP_INGRESS);
 	struct ct_entry *e = NULL;
 	int ct = ct_lookup(p, dir, now, &e);
 	int rc = 0;
@@ -398,11 +423,13 @@ static __always_inline int pol_check(const struct pol_pkt *p, const struct pol_e
 	}
 	if (ct == CT_RELATED)
 		goto out;
-	if ((ep->flags & (dir == CT_EGRESS ? POL_EP_EGRESS : POL_EP_INGRESS)) &&
-	    !(dir == CT_INGRESS && peer_id == ID_HOST)) {
-		rc = pol_verdict(ep, ep_addr, dir, peer_id, addr_id, p, &rule);
-		if (rc)
-			goto out;
+	if (enforced) {
+		pol_peer_resolve(peer);
+		if (!(dir == CT_INGRESS && peer->id == ID_HOST)) {
+			rc = pol_verdict(ep, ep_addr, dir, peer->id, peer->cidr, p, &rule);
+			if (rc)
+				goto out;
+		}
 	}
 	if (ct == CT_ESTABLISHED)
 		ct_refresh(e, p, 0, now);
@@ -410,11 +437,13 @@ static __always_inline int pol_check(const struct pol_pkt *p, const struct pol_e
 		ct_create(p, dir, rule, now);
 out:
 	pol_count(ep_addr, rc, dir, p->len);
-	flow_packet(fc, report, p->source, p->ifindex, dir, rc, rule,
-		    FLOW_F_POLICY | (ct == CT_REPLY ? FLOW_F_REPLY : 0) |
-		    ((ep->flags & (dir == CT_EGRESS ? POL_EP_EGRESS : POL_EP_INGRESS)) ? FLOW_F_ENFORCED : 0),
-		    p->saddr, p->daddr, p->sport, p->dport, p->protocol, p->tcp_flags, p->len,
-		    dir == CT_EGRESS ? ep->identity : peer_id, dir == CT_EGRESS ? peer_id : ep->identity);
+	if (fc && (report || rc)) {
+		pol_peer_resolve(peer);
+		flow_packet(fc, report, p->source, p->ifindex, dir, rc, rule,
+			    FLOW_F_POLICY | (ct == CT_REPLY ? FLOW_F_REPLY : 0) | (enforced ? FLOW_F_ENFORCED : 0),
+			    p->saddr, p->daddr, p->sport, p->dport, p->protocol, p->tcp_flags, p->len,
+			    dir == CT_EGRESS ? ep->identity : peer->id, dir == CT_EGRESS ? peer->id : ep->identity);
+	}
 	return rc;
 }
 
@@ -426,13 +455,14 @@ static __always_inline struct pol_ep *pol_endpoint(__be32 addr)
 }
 
 /* The ingress verdict of the pod at ``p->daddr`` (a pod of this node: ``dep``) on a packet from a peer of
- * identity ``src_id``; on 0 the packet is marked so that the pod's own tc egress program does not judge it
- * again when the stack delivers it (legacy host routing). */
+ * identity ``src_id`` (0: the ipcache's); on 0 the packet is marked so that the pod's own tc egress program does
+ * not judge it again when the stack delivers it (legacy host routing). */
 static __always_inline int pol_deliver(struct __sk_buff *skb, const struct pol_pkt *p, const struct pol_ep *dep,
 				       __u32 src_id)
 {
 	struct pol_ep d = *dep;
-	int rc = pol_check(p, &d, p->daddr, CT_INGRESS, src_id, cidr_identity(p->saddr));
+	struct pol_peer src = { .addr = p->saddr, .id = src_id };
+	int rc = pol_check(p, &d, p->daddr, CT_INGRESS, &src);
 
 	if (!rc)
 		skb->mark = MARK_MAGIC_ALLOWED;
