@@ -19,12 +19,28 @@ description:
   - Play code gathers every node's endpoints with it to find the pods a service's selector picks
     (their labels, ports and addresses).
   - A record that cannot be parsed is returned with C(state=invalid), not left out.
+  - With O(bundle) and O(lbipam_state) it also returns what else the play gathers from every node before it
+    programs the dataplane (which eBPF objects the node's release carries, the LoadBalancer IPs and NodePorts it
+    was given last), so that one task, not three, visits every node.
   - Only reads files; never changes anything and always returns C(changed=false).
 options:
   endpoints_dir:
     description: The directory of the endpoint records.
     type: path
     default: /var/lib/kldload-netstack/endpoints
+  bundle:
+    description:
+      - The node's release bundle (C(netstack.pyz)); its eBPF object names are returned in RV(bundle_objects).
+      - Not read when not given.
+    type: path
+    version_added: 0.5.0
+  lbipam_state:
+    description:
+      - The file where the dataplane role keeps the LoadBalancer IPs and NodePorts it assigned; its document is
+        returned in RV(lbipam_state).
+      - Not read when not given. A file that is there but is not a JSON mapping fails the task, naming the file.
+    type: path
+    version_added: 0.5.0
 notes:
   - Supports check mode; it never reports a change.
 author:
@@ -112,22 +128,67 @@ endpoints:
       mac: b2:96:56:89:3f:a7
       state: ready
       created: 1764640000
+bundle_objects:
+  description: The eBPF objects the release bundle at O(bundle) carries, by name; null when there is no readable bundle.
+  returned: when O(bundle) is given
+  type: list
+  elements: str
+  sample: [host, lxc, nodeport, overlay, policy, sock_lb]
+lbipam_state:
+  description: The document of O(lbipam_state); null when the file is not there.
+  returned: when O(lbipam_state) is given
+  type: dict
+  sample: {assignments: {}, node_ports: {}}
 """
 
+import errno
+import json
+import zipfile
+
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.kldload.netstack.plugins.module_utils import cni
+from ansible_collections.kldload.netstack.plugins.module_utils import cni, runtime
+
+
+def _bundle_objects(path):
+    try:
+        return runtime.bundle_objects(path)
+    except (OSError, IOError, zipfile.BadZipfile):
+        return None
+
+
+def _json_file(module, path):
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, IOError) as e:
+        if e.errno == errno.ENOENT:
+            return None
+        module.fail_json(msg="lbipam_state %s: cannot be read: %s" % (path, e))
+    except ValueError as e:
+        module.fail_json(msg="lbipam_state %s: not JSON: %s" % (path, e))
+    if not isinstance(doc, dict):
+        module.fail_json(msg="lbipam_state %s: not a JSON mapping" % path)
+    return doc
 
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(endpoints_dir=dict(type="path", default=cni.ENDPOINTS_DIR)),
+        argument_spec=dict(endpoints_dir=dict(type="path", default=cni.ENDPOINTS_DIR),
+                           bundle=dict(type="path"),
+                           lbipam_state=dict(type="path")),
         supports_check_mode=True,
     )
+    p = module.params
     try:
-        endpoints = cni.list_endpoints(module.params["endpoints_dir"])
+        endpoints = cni.list_endpoints(p["endpoints_dir"])
     except OSError as e:
-        module.fail_json(msg="endpoints_dir %s: cannot be read: %s" % (module.params["endpoints_dir"], e))
-    module.exit_json(changed=False, endpoints=endpoints)
+        module.fail_json(msg="endpoints_dir %s: cannot be read: %s" % (p["endpoints_dir"], e))
+    res = dict(changed=False, endpoints=endpoints)
+    if p["bundle"]:
+        res["bundle_objects"] = _bundle_objects(p["bundle"])
+    if p["lbipam_state"]:
+        res["lbipam_state"] = _json_file(module, p["lbipam_state"])
+    module.exit_json(**res)
 
 
 if __name__ == "__main__":

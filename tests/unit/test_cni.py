@@ -436,26 +436,57 @@ def test_endpoint_list_command(tmp_path):
         assert p.returncode == 0 and check(p.stdout), p.stdout + p.stderr
 
 
+def _endpoint_info(args):
+    """The endpoint_info module run by ``ansible`` in check mode: (rc, result)."""
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_INVENTORY_UNPARSED_WARNING="false",
+               ANSIBLE_LOCALHOST_WARNING="false", ANSIBLE_NOCOLOR="1")
+    p = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ansible"), "localhost", "-i", "localhost,",
+                        "-c", "local", "--check", "-e", "ansible_python_interpreter=%s" % sys.executable,
+                        "-m", "kldload.netstack.endpoint_info", "-a", args],
+                       env=env, capture_output=True, text=True, check=False, cwd=str(REPO))
+    assert "=>" in p.stdout, p.stdout + p.stderr
+    return p.returncode, json.loads(p.stdout.split("=>", 1)[1])
+
+
 def test_endpoint_info_module(tmp_path):
     """The module returns the records the plugin wrote; a missing directory is no endpoints; check mode."""
     _run(tmp_path, "ADD", _conf(prevResult=PREV, runtimeConfig=_caps({"app": "db"}, [{"name": "pg", "port": 5432}])))
-    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_INVENTORY_UNPARSED_WARNING="false",
-               ANSIBLE_LOCALHOST_WARNING="false", ANSIBLE_NOCOLOR="1")
-    bindir = os.path.dirname(sys.executable)
     out = {}
     for d in ("eps", "missing"):
-        p = subprocess.run([os.path.join(bindir, "ansible"), "localhost", "-i", "localhost,", "-c", "local", "--check",
-                            "-e", "ansible_python_interpreter=%s" % sys.executable,
-                            "-m", "kldload.netstack.endpoint_info", "-a", "endpoints_dir=%s" % (tmp_path / d)],
-                           env=env, capture_output=True, text=True, check=False, cwd=str(REPO))
-        assert p.returncode == 0, p.stdout + p.stderr
-        res = json.loads(p.stdout.split("=>", 1)[1])
-        assert res["changed"] is False
+        rc, res = _endpoint_info("endpoints_dir=%s" % (tmp_path / d))
+        assert rc == 0 and res["changed"] is False, res
         out[d] = res["endpoints"]
     assert out["missing"] == []
     [ep] = out["eps"]
     assert (ep["namespace"], ep["name"], ep["labels"], ep["ports"], ep["ips"]) == \
         ("ns", "p", {"app": "db"}, [{"name": "pg", "port": 5432, "protocol": "TCP"}], ["10.244.11.5/24"])
+
+
+def test_endpoint_info_bundle_and_lbipam_state(tmp_path):
+    """What else the dataplane gathers from every node in the same visit: the objects of the node's release (none
+    without a readable bundle), the last LB-IPAM assignment (none without the file); a file that is not a JSON
+    mapping fails naming it."""
+    import zipfile
+    bundle = tmp_path / "netstack.pyz"
+    with zipfile.ZipFile(str(bundle), "w") as z:
+        for n in ("__main__.py", "netstack_objects/policy.o", "netstack_objects/policy.manifest.json",
+                  "netstack_objects/sock_lb.o"):
+            z.writestr(n, "x")
+    (tmp_path / "junk.pyz").write_text("not a zip")
+    state = {"assignments": {"default/web": ["192.0.2.10"]}, "node_ports": {}}
+    (tmp_path / "lbipam.json").write_text(json.dumps(state))
+    (tmp_path / "bad.json").write_text("[1, 2")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    eps = "endpoints_dir=%s" % (tmp_path / "eps")
+    rc, res = _endpoint_info("%s bundle=%s lbipam_state=%s" % (eps, bundle, tmp_path / "lbipam.json"))
+    assert rc == 0 and (res["bundle_objects"], res["lbipam_state"]) == (["policy", "sock_lb"], state), res
+    rc, res = _endpoint_info("%s bundle=%s lbipam_state=%s" % (eps, tmp_path / "junk.pyz", tmp_path / "none.json"))
+    assert rc == 0 and (res["bundle_objects"], res["lbipam_state"]) == (None, None), res
+    rc, res = _endpoint_info("%s bundle=%s" % (eps, tmp_path / "none.pyz"))
+    assert rc == 0 and res["bundle_objects"] is None and "lbipam_state" not in res, res
+    for name, why in (("bad.json", "not JSON"), ("list.json", "not a JSON mapping")):
+        rc, res = _endpoint_info("%s lbipam_state=%s" % (eps, tmp_path / name))
+        assert rc != 0 and res["msg"].startswith("lbipam_state %s: %s" % (tmp_path / name, why)), res
 
 
 EP_COUNT = REPO / "bpf" / "build" / "tests" / "ep_count.o"
