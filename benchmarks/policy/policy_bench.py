@@ -12,11 +12,15 @@
 - the time to apply 1,000 policies to the endpoints of a node and one policy change among them, through the
   node's own apply (the library the module and the CNI plugin call; target <= 1 s and <= 50 ms).
 
-  benchmarks/policy/run [--quick] [--rounds N] [--seconds N] [--connections N] [--inventory PATH] [--json]
+  benchmarks/policy/run [--quick] [--rounds N] [--tp-rounds N] [--seconds N] [--connections N] [--inventory PATH]
+                        [--json]
 
 The rule counts are measured interleaved (0, 1000, 100 rules, then again, --rounds times) and each count's
 rate is the median of its rounds; the throughput with the programs is the mean of a run before and one after
-the run without them; one policy change is timed five times (median and max).
+the run without them; the same-path comparison alternates with and without the programs in ABBA order over
+--tp-rounds rounds (one stream's throughput on this machine drifts by +-5 % over tens of seconds: many short
+alternations, and neither side always measured first after a play), medians; one policy change is timed five
+times (median and max).
 
 Needs the lab up with install.yml applied; leaves it as the inventory says (policies of the inventory, policy on).
 """
@@ -134,10 +138,12 @@ def main(argv=None):
     ap.add_argument("--connections", type=int, default=3000)
     ap.add_argument("--inventory", default="/var/lib/kldload-netstack/lab/inventory.yml")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the interleaved rule counts (default 3)")
+    ap.add_argument("--tp-rounds", type=int, default=6,
+                    help="rounds of the same-path throughput comparison, ABBA order (default 6)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
-        args.seconds, args.connections, args.rounds = 2, 300, 1
+        args.seconds, args.connections, args.rounds, args.tp_rounds = 2, 300, 1, 2
     lab = pn.Lab(args.inventory)
     a, b, client, server, cl, sv, sip = lab.pod_pair()
     out = {"pair": "%s/%s on %s -> %s/%s on %s" % (client["namespace"], client["name"], a, server["namespace"],
@@ -165,14 +171,19 @@ def main(argv=None):
         out["throughput_policy"] = (sum(t[0] for t in on) / len(on), sum(t[1] for t in on) / len(on))
         out["throughput_policy_runs"] = [t[0] for t in on]
         # the same tunnel path (overlay programs, identities in the VNI) with and without the policy programs,
-        # alternated round after round; medians
+        # alternated in ABBA order (with, without | without, with | ...); medians
         same = {"with": [], "without": []}
-        for _r in range(args.rounds):
-            same["with"].append(pn.iperf(lab, sv, cl, sip, args.seconds)[0])
-            if not detach_policy_programs(lab, b):
-                raise SystemExit("no policy program attached to detach")
-            same["without"].append(pn.iperf(lab, sv, cl, sip, args.seconds)[0])
-            lab.playbook()
+        attached = True
+        for r in range(args.tp_rounds):
+            for which in (("with", "without") if r % 2 == 0 else ("without", "with")):
+                if which == "with" and not attached:
+                    lab.playbook()
+                    attached = True
+                elif which == "without" and attached:
+                    if not detach_policy_programs(lab, b):
+                        raise SystemExit("no policy program attached to detach")
+                    attached = False
+                same[which].append(pn.iperf(lab, sv, cl, sip, args.seconds)[0])
         out["throughput_same_path"] = same
     finally:
         lab.playbook()
@@ -194,8 +205,10 @@ def main(argv=None):
     sw, so = statistics.median(same["without"]), statistics.median(same["with"])
     print("%-44s %12.2f %8s" % ("TCP Gbit/s, policy programs detached", sw, "1.000"))
     print("%-44s %12.2f %8.3f" % ("TCP Gbit/s, the same path with them", so, so / sw if sw else 0))
-    print("%-44s %s / %s" % ("  rounds with / without", " ".join("%.2f" % x for x in same["with"]),
+    print("%-44s %s / %s" % ("  runs with / without (ABBA order)", " ".join("%.2f" % x for x in same["with"]),
                              " ".join("%.2f" % x for x in same["without"])))
+    mw, mo = statistics.mean(same["with"]), statistics.mean(same["without"])
+    print("%-44s %12s %8.3f" % ("  ratio of the means", "", mw / mo if mo else 0))
     t = out["apply"]
     print("apply %d policies (%d entries on %d endpoints): %.3f s; one policy changed: %.3f s (median of 5, max %.3f; "
           "%d diff lines); the same again: %.3f s (changed %s); validating the %d documents before each: %.3f s"
