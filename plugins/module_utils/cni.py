@@ -233,16 +233,21 @@ def cache_path(cache_dir, network, container_id, ifname):
     return os.path.join(cache_dir, "%s-%s-%s" % (network, container_id, ifname))
 
 
-def _read_json(path):
-    """The JSON object in ``path``; None when the file does not exist or holds no object. OSError
-    and ValueError (not JSON) go to the caller."""
+def read_json(path):
+    """The JSON document in ``path``; None when the file does not exist. OSError and ValueError (not JSON) go to
+    the caller."""
     try:
         with open(path) as f:
-            doc = json.load(f)
+            return json.load(f)
     except (IOError, OSError) as e:
         if e.errno == errno.ENOENT:
             return None
         raise
+
+
+def _read_json(path):
+    """The JSON object in ``path``; None when the file does not exist or holds no object."""
+    doc = read_json(path)
     return doc if isinstance(doc, dict) else None
 
 

@@ -141,8 +141,6 @@ lbipam_state:
   sample: {assignments: {}, node_ports: {}}
 """
 
-import errno
-import json
 import zipfile
 
 from ansible.module_utils.basic import AnsibleModule
@@ -158,15 +156,12 @@ def _bundle_objects(path):
 
 def _json_file(module, path):
     try:
-        with open(path) as f:
-            doc = json.load(f)
+        doc = cni.read_json(path)
     except (OSError, IOError) as e:
-        if e.errno == errno.ENOENT:
-            return None
         module.fail_json(msg="lbipam_state %s: cannot be read: %s" % (path, e))
     except ValueError as e:
         module.fail_json(msg="lbipam_state %s: not JSON: %s" % (path, e))
-    if not isinstance(doc, dict):
+    if doc is not None and not isinstance(doc, dict):
         module.fail_json(msg="lbipam_state %s: not a JSON mapping" % path)
     return doc
 
