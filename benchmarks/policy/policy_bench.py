@@ -18,7 +18,7 @@
 The rule counts are measured interleaved (0, 1000, 100 rules, then again, --rounds times) and each count's
 rate is the median of its rounds; the throughput with the programs is the mean of a run before and one after
 the run without them; the same-path comparison alternates with and without the programs in ABBA order over
---tp-rounds rounds (one stream's throughput on this machine drifts by +-5 % over tens of seconds: many short
+--tp-rounds rounds (one stream's throughput on this machine drifts by 5-10 % over tens of seconds: many short
 alternations, and neither side always measured first after a play), medians; one policy change is timed five
 times (median and max).
 
